@@ -1,0 +1,32 @@
+"""fdiv_align: align language models with preferences by minimising an f-divergence (f-DPG).
+
+Conventions (DESIGN §3, docs/math.md): D_f(π‖p) = E_p[f(π/p)], t = π/p; ``rkl`` = KL(π‖p),
+``fkl`` = KL(p‖π). The loss :func:`f_dpg_loss` has E[∇loss] = ∇D exactly given the exact log Z.
+"""
+
+from .divergences import Divergence, available_divergences, exact_divergence, get_divergence
+from .estimators import (
+    Estimate,
+    LogZAccumulator,
+    effective_sample_size,
+    estimate_divergences,
+    get_baseline,
+)
+from .loss import FDivergenceLoss, FDPGLossOutput, f_dpg_loss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Divergence",
+    "available_divergences",
+    "exact_divergence",
+    "get_divergence",
+    "Estimate",
+    "LogZAccumulator",
+    "effective_sample_size",
+    "estimate_divergences",
+    "get_baseline",
+    "FDivergenceLoss",
+    "FDPGLossOutput",
+    "f_dpg_loss",
+]

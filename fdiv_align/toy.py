@@ -1,0 +1,116 @@
+"""A tiny autoregressive model whose every sequence can be enumerated, and exact targets on it.
+
+:class:`ToyAR` generates fixed-length sequences x = (x_1..x_T) over a vocabulary of V tokens:
+π(x) = Π_t softmax(W[t, x_{t−1}])[x_t] (x_0 = BOS). With V = 4 and T = 5 there are 1,024
+sequences, so π, any target p = P/Z, every f-divergence and its exact gradient (autograd
+through :func:`fdiv_align.divergences.exact_divergence`) are computed by enumeration.
+
+:class:`ToyProblem` holds a base model a and a target log-score log P(x) = log a(x) + log Φ(x)
+(pointwise, exponential/reward), with the exact log Z and p.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .divergences import exact_divergence
+
+__all__ = ["ToyAR", "ToyProblem", "pointwise_problem", "exponential_problem", "reward_problem"]
+
+
+class ToyAR(nn.Module):
+    """Position-dependent bigram model: logits W[t, previous token] (BOS = index V)."""
+
+    def __init__(self, vocab_size: int = 4, length: int = 5, seed: int = 0, scale: float = 1.0,
+                 dtype: torch.dtype = torch.float64):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.vocab_size = vocab_size
+        self.length = length
+        self.logits = nn.Parameter(scale * torch.randn(length, vocab_size + 1, vocab_size, generator=g, dtype=dtype))
+
+    def all_sequences(self) -> torch.Tensor:
+        """Every sequence, [V^T, T] (lexicographic order)."""
+        return torch.tensor(list(itertools.product(range(self.vocab_size), repeat=self.length)), dtype=torch.long)
+
+    def token_log_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, T] log π(x_t | x_<t)."""
+        prev = torch.cat([torch.full_like(x[:, :1], self.vocab_size), x[:, :-1]], dim=1)
+        logp = torch.log_softmax(self.logits, dim=-1)  # [T, V+1, V]
+        pos = torch.arange(self.length).expand_as(x)
+        return logp[pos, prev, x]
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """[N] log π(x)."""
+        return self.token_log_probs(x).sum(-1)
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """n ancestral samples and their log-probabilities recorded while sampling."""
+        x = torch.empty(n, self.length, dtype=torch.long)
+        logq = torch.zeros(n, dtype=self.logits.dtype)
+        prev = torch.full((n,), self.vocab_size, dtype=torch.long)
+        logp_all = torch.log_softmax(self.logits, dim=-1)
+        for t in range(self.length):
+            lp = logp_all[t, prev]
+            tok = torch.multinomial(lp.exp(), 1, generator=generator).squeeze(1)
+            logq += lp.gather(1, tok[:, None]).squeeze(1)
+            x[:, t] = tok
+            prev = tok
+        return x, logq
+
+
+@dataclass
+class ToyProblem:
+    """A base model a, a target log-score function and the enumeration needed for exact values."""
+
+    base: ToyAR
+    log_phi: Callable[[torch.Tensor], torch.Tensor]  # [N, T] → [N] log Φ(x) (−inf allowed)
+    name: str = "toy"
+
+    def __post_init__(self):
+        self.sequences = self.base.all_sequences()
+        with torch.no_grad():
+            self._log_P_all = self.target_logscores(self.sequences)
+        self.log_z = float(torch.logsumexp(self._log_P_all, 0))
+        self.log_p_all = self._log_P_all - self.log_z
+
+    def target_logscores(self, x: torch.Tensor) -> torch.Tensor:
+        """log P(x) = log a(x) + log Φ(x)."""
+        with torch.no_grad():
+            return self.base.log_prob(x) + self.log_phi(x)
+
+    def exact_divergence(self, divergence, policy: ToyAR) -> torch.Tensor:
+        """D_f(π‖p) by enumeration, differentiable in the policy's parameters."""
+        return exact_divergence(divergence, policy.log_prob(self.sequences), self.log_p_all)
+
+    def exact_expectation(self, policy: ToyAR, values: torch.Tensor) -> float:
+        """E_π[values(x)] over the enumeration (values given for every sequence)."""
+        with torch.no_grad():
+            return float((policy.log_prob(self.sequences).exp() * values).sum())
+
+
+def pointwise_problem(base: ToyAR, token: int = 0, min_count: int = 2) -> ToyProblem:
+    """b(x) = [x contains ``token`` at least ``min_count`` times]: P = a·b has zeros."""
+    return ToyProblem(base, lambda x: torch.where((x == token).sum(-1) >= min_count, 0.0, -math.inf).to(torch.float64),
+                      name=f"pointwise(token {token} ≥ {min_count}×)")
+
+
+def _token_count_feature(x: torch.Tensor, token: int) -> torch.Tensor:
+    return (x == token).sum(-1).to(torch.float64)
+
+
+def exponential_problem(base: ToyAR, token: int = 0, lam: float = 1.0) -> ToyProblem:
+    """P = a·exp(λ·φ), φ(x) = number of ``token`` in x (full support)."""
+    return ToyProblem(base, lambda x: lam * _token_count_feature(x, token), name=f"exponential(λ={lam})")
+
+
+def reward_problem(base: ToyAR, reward: Callable[[torch.Tensor], torch.Tensor], beta: float) -> ToyProblem:
+    """P = a·exp(r/β): the RLHF target."""
+    return ToyProblem(base, lambda x: reward(x).to(torch.float64) / beta, name=f"reward(β={beta})")
