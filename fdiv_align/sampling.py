@@ -1,0 +1,300 @@
+"""Sampling with log q recorded at generation time, and scoring of given continuations.
+
+Layout (one convention for sampling and scoring, so that positions never differ):
+
+* a context c is encoded as [BOS] + tokens(c) (BOS = the tokenizer's bos token, else its eos);
+* prompts are **left-padded** to a common length; position ids are cumsum(attention_mask) − 1, so
+  the first real token of every row has position 0 whatever the padding;
+* the continuation x = (x_1..x_T) follows the prompt; after EOS (when ``stop_at_eos``) the row is
+  padded and masked. log π(x|c) = Σ_t log π(x_t | c, x_<t) over generated tokens, EOS included.
+
+Sampling transformation (``SamplingConfig``): logits / temperature, then top-k, then top-p
+(nucleus, keeping the smallest set of tokens whose mass reaches top_p). ``transformed_logprobs``
+returns the log-probabilities of the distribution actually sampled from; the sampler records
+them, and scoring with the same config uses the same function. Pure ancestral sampling
+(temperature 1, no top-k/top-p) is the default and is what the f-DPG estimator assumes for q.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["SamplingConfig", "Batch", "transformed_logprobs", "encode_contexts", "sample", "score",
+           "make_batch", "backbone_and_head"]
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be ≥ 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def is_identity(self) -> bool:
+        return self.temperature == 1.0 and self.top_k == 0 and self.top_p == 1.0
+
+
+def transformed_logprobs(logits: torch.Tensor, config: SamplingConfig = SamplingConfig()) -> torch.Tensor:
+    """log-probabilities (fp32) of the distribution sampled from under ``config``; −inf where cut."""
+    logits = logits.float()
+    if config.temperature != 1.0:
+        logits = logits / config.temperature
+    if config.top_k and config.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, config.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if config.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        mass_before = probs.cumsum(-1) - probs
+        cut_sorted = mass_before >= config.top_p  # keep tokens until the kept mass reaches top_p
+        cut = torch.zeros_like(cut_sorted).scatter(-1, order, cut_sorted)
+        logits = logits.masked_fill(cut, float("-inf"))
+    return torch.log_softmax(logits, dim=-1)
+
+
+@dataclass
+class Batch:
+    """Samples x ∼ q(·|c): prompts (left-padded), continuations (right-padded) and log q."""
+
+    context_index: torch.Tensor  # [B] index into ``contexts``
+    contexts: list[str]  # the distinct context strings
+    prompt_ids: torch.Tensor  # [B, Lp]
+    prompt_mask: torch.Tensor  # [B, Lp]
+    tokens: torch.Tensor  # [B, T]
+    mask: torch.Tensor  # [B, T] 1 for generated tokens (EOS included)
+    token_logq: torch.Tensor | None = None  # [B, T] recorded at generation, 0 at padding
+    texts: list[str] = field(default_factory=list)  # decoded continuations (no special tokens)
+
+    @property
+    def logq(self) -> torch.Tensor:
+        return self.token_logq.sum(-1)
+
+    @property
+    def context_texts(self) -> list[str]:
+        return [self.contexts[i] for i in self.context_index.tolist()]
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def trim(self) -> "Batch":
+        """Drop prompt columns that are padding in every row and continuation columns past the
+        longest sequence (the numbers do not change: position ids follow the attention mask)."""
+        keep_p = self.prompt_mask.bool().any(0)
+        width = int(self.mask.sum(-1).max())
+        return Batch(self.context_index, self.contexts, self.prompt_ids[:, keep_p], self.prompt_mask[:, keep_p],
+                     self.tokens[:, :width], self.mask[:, :width],
+                     None if self.token_logq is None else self.token_logq[:, :width], list(self.texts))
+
+    def select(self, index: torch.Tensor) -> "Batch":
+        index = torch.as_tensor(index, dtype=torch.long)
+        rows = index.tolist()
+        return Batch(self.context_index[index], self.contexts, self.prompt_ids[index], self.prompt_mask[index],
+                     self.tokens[index], self.mask[index],
+                     None if self.token_logq is None else self.token_logq[index],
+                     [self.texts[i] for i in rows] if self.texts else [])
+
+
+def _start_token(tokenizer) -> int:
+    tid = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if tid is None:
+        raise ValueError("tokenizer has neither a bos nor an eos token to start sequences with")
+    return tid
+
+
+def encode_contexts(tokenizer, contexts: list[str], max_length: int | None = None) -> list[list[int]]:
+    """[BOS] + tokens(c) for each context; clear errors on empty lists and over-long contexts."""
+    if isinstance(contexts, str):
+        raise TypeError("contexts must be a list of strings, got a single string")
+    if len(contexts) == 0:
+        raise ValueError("contexts: empty list; give at least one context ('' for unconditional generation)")
+    start = _start_token(tokenizer)
+    out = []
+    for c in contexts:
+        if not isinstance(c, str):
+            raise TypeError(f"contexts must be strings, got {type(c).__name__}: {c!r}")
+        ids = [start] + tokenizer(c, add_special_tokens=False)["input_ids"]
+        if max_length is not None and len(ids) > max_length:
+            raise ValueError(f"context of {len(ids)} tokens exceeds the model window budget of {max_length} tokens: {c[:80]!r}")
+        out.append(ids)
+    return out
+
+
+def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def _model_window(model) -> int | None:
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+def _decode(tokenizer, tokens: torch.Tensor, mask: torch.Tensor) -> list[str]:
+    rows = [t[m.bool()].tolist() for t, m in zip(tokens, mask)]
+    return tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+
+@torch.no_grad()
+def sample(model, tokenizer, contexts: list[str], num_samples: int | list[int], max_new_tokens: int,
+           config: SamplingConfig = SamplingConfig(), stop_at_eos: bool = True,
+           generator: torch.Generator | None = None, context_index: torch.Tensor | None = None) -> Batch:
+    """Ancestral samples with KV cache; log q of every token recorded as it is drawn.
+
+    ``num_samples`` per context (int or one count per context), or explicit ``context_index``.
+    With ``stop_at_eos`` the length is at most ``max_new_tokens``; otherwise exactly that.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
+    window = _model_window(model)
+    encoded = encode_contexts(tokenizer, contexts, None if window is None else window - max_new_tokens)
+    if context_index is None:
+        counts = [num_samples] * len(contexts) if isinstance(num_samples, int) else list(num_samples)
+        if len(counts) != len(contexts):
+            raise ValueError(f"num_samples: {len(counts)} counts for {len(contexts)} contexts")
+        context_index = torch.repeat_interleave(torch.arange(len(contexts)), torch.tensor(counts))
+    context_index = torch.as_tensor(context_index, dtype=torch.long)
+    if context_index.numel() == 0:
+        raise ValueError("sample: no samples requested")
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id
+    eos_id = tokenizer.eos_token_id
+    prompt_ids, prompt_mask = _left_pad([encoded[i] for i in context_index.tolist()], pad_id)
+    B = prompt_ids.shape[0]
+    ids, attn = prompt_ids.to(device), prompt_mask.to(device)
+    pos = (attn.cumsum(-1) - 1).clamp_min(0)
+    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((B, max_new_tokens), dtype=torch.long, device=device)
+    token_logq = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+    last_pos = pos[:, -1:]
+    for t in range(max_new_tokens):
+        logp = transformed_logprobs(out.logits[:, -1, :], config)
+        probs = logp.exp()
+        if generator is not None and generator.device != probs.device:
+            tok = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(device)
+        else:
+            tok = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        live = ~finished
+        tokens[:, t] = torch.where(live, tok, torch.full_like(tok, pad_id))
+        token_logq[:, t] = torch.where(live, logp.gather(1, tok[:, None]).squeeze(1), torch.zeros_like(token_logq[:, t]))
+        mask[:, t] = live.long()
+        if stop_at_eos and eos_id is not None:
+            finished = finished | (tok == eos_id)
+            if bool(finished.all()):
+                break
+        if t + 1 == max_new_tokens:
+            break
+        attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], dim=1)
+        last_pos = last_pos + 1
+        out = model(input_ids=tokens[:, t:t + 1], attention_mask=attn, position_ids=last_pos,
+                    past_key_values=out.past_key_values, use_cache=True)
+    batch = Batch(context_index, list(contexts), prompt_ids, prompt_mask, tokens.cpu(), mask.cpu(), token_logq.cpu())
+    batch.texts = _decode(tokenizer, batch.tokens, batch.mask)
+    return batch
+
+
+def make_batch(tokenizer, contexts: list[str], continuations: list[str], context_index=None,
+               add_eos: bool = False) -> Batch:
+    """A :class:`Batch` for given continuation texts (for scoring); errors on texts with no tokens."""
+    encoded = encode_contexts(tokenizer, contexts)
+    if context_index is None:
+        if len(contexts) != len(continuations) and len(contexts) != 1:
+            raise ValueError(f"{len(continuations)} continuations for {len(contexts)} contexts: give context_index")
+        context_index = torch.arange(len(continuations)) if len(contexts) > 1 else torch.zeros(len(continuations), dtype=torch.long)
+    context_index = torch.as_tensor(context_index, dtype=torch.long)
+    rows = []
+    for text in continuations:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if add_eos:
+            ids = ids + [tokenizer.eos_token_id]
+        if not ids:
+            raise ValueError(f"continuation {text!r} tokenises to nothing")
+        rows.append(ids)
+    T = max(len(r) for r in rows)
+    tokens = torch.full((len(rows), T), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        tokens[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    prompt_ids, prompt_mask = _left_pad([encoded[i] for i in context_index.tolist()], tokenizer.pad_token_id)
+    return Batch(context_index, list(contexts), prompt_ids, prompt_mask, tokens, mask, None, list(continuations))
+
+
+def backbone_and_head(model):
+    """(decoder returning hidden states, lm_head) of a HF causal LM, PEFT-wrapped or not."""
+    inner = model
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    backbone = inner.get_decoder() if hasattr(inner, "get_decoder") else getattr(inner, "model", None)
+    head = inner.get_output_embeddings()
+    if backbone is None or head is None:
+        raise TypeError(f"{type(inner).__name__}: cannot find the decoder and the output head")
+    return backbone, head
+
+
+def _layout(batch: Batch, padding_side: str, pad_id: int):
+    """input ids, attention mask, position ids and, per continuation token, the index of the hidden
+    state that predicts it ([B, T])."""
+    B, T = batch.tokens.shape
+    if padding_side == "left":
+        ids = torch.cat([batch.prompt_ids, batch.tokens], dim=1)
+        attn = torch.cat([batch.prompt_mask, batch.mask], dim=1)
+        pos = (attn.cumsum(-1) - 1).clamp_min(0)
+        Lp = batch.prompt_ids.shape[1]
+        predict = (Lp - 1 + torch.arange(T)).expand(B, T)
+        return ids, attn, pos, predict
+    if padding_side == "right":
+        plen = batch.prompt_mask.sum(-1)
+        clen = batch.mask.sum(-1)
+        width = int((plen + clen).max())
+        ids = torch.full((B, width), pad_id, dtype=torch.long)
+        attn = torch.zeros((B, width), dtype=torch.long)
+        for i in range(B):
+            p = batch.prompt_ids[i][batch.prompt_mask[i].bool()]
+            c = batch.tokens[i][batch.mask[i].bool()]
+            row = torch.cat([p, c])
+            ids[i, : len(row)] = row
+            attn[i, : len(row)] = 1
+        pos = torch.arange(width).expand(B, width)
+        predict = (plen[:, None] - 1 + torch.arange(T)).clamp_max(width - 1)
+        return ids, attn, pos, predict
+    raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+
+
+def score(model, batch: Batch, config: SamplingConfig = SamplingConfig(), padding_side: str = "left",
+          pad_id: int = 0, logprob_fn=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π(x_t | c, x_<t) for the continuation tokens: ([B, T] per token, 0 at padding; [B] sums).
+
+    Runs under the caller's grad mode (wrap in ``torch.no_grad()`` for evaluation). Only the hidden
+    states that predict continuation tokens go through the head. ``logprob_fn(hidden, head, targets,
+    config)`` replaces the head+log-softmax+gather step (the fused kernel plugs in here).
+    """
+    device = next(model.parameters()).device
+    ids, attn, pos, predict = _layout(batch, padding_side, pad_id)
+    backbone, head = backbone_and_head(model)
+    hidden = backbone(input_ids=ids.to(device), attention_mask=attn.to(device), position_ids=pos.to(device)).last_hidden_state
+    h = hidden.gather(1, predict.to(device)[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, T, H]
+    targets = batch.tokens.to(device)
+    if logprob_fn is None:
+        logp = transformed_logprobs(head(h), config)
+        tok_lp = logp.gather(-1, targets[..., None]).squeeze(-1)
+    else:
+        tok_lp = logprob_fn(h, head, targets, config)
+    m = batch.mask.to(device).bool()
+    tok_lp = torch.where(m, tok_lp, torch.zeros_like(tok_lp))
+    return tok_lp, tok_lp.sum(-1)

@@ -1,0 +1,95 @@
+"""Sampling records the log-prob of what it sampled; scoring reproduces it; batching changes nothing."""
+
+import pytest
+import torch
+
+from fdiv_align.models import tiny_model
+from fdiv_align.sampling import SamplingConfig, make_batch, sample, score, transformed_logprobs
+
+CONTEXTS = ["", "the cat is", "she was very happy and the dog"]  # different lengths → left padding
+CONFIGS = [SamplingConfig(), SamplingConfig(temperature=0.7), SamplingConfig(top_k=8),
+           SamplingConfig(temperature=1.3, top_k=12, top_p=0.9), SamplingConfig(top_p=0.7)]
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_model(seed=0)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=repr)
+def test_recorded_logq_equals_rescored(lm, config):
+    batch = sample(lm.model, lm.tokenizer, CONTEXTS, 6, 12, config, generator=torch.Generator().manual_seed(1))
+    lengths = batch.mask.sum(-1)
+    assert (lengths < 12).any() and (lengths == 12).any(), "want rows that stopped at EOS and rows that did not"
+    eos = lm.tokenizer.eos_token_id
+    for row, n in zip(batch.tokens, lengths.tolist()):
+        if n < 12:
+            assert row[n - 1] == eos and (row[n:] == lm.tokenizer.pad_token_id).all()
+    with torch.no_grad():
+        for side in ["left", "right"]:
+            _, seq = score(lm.model, batch, config, side, lm.tokenizer.pad_token_id)
+            assert torch.allclose(seq, batch.logq, atol=1e-4, rtol=0), (side, (seq - batch.logq).abs().max())
+
+
+def test_batch_equals_alone(lm):
+    batch = sample(lm.model, lm.tokenizer, CONTEXTS, 4, 10, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        tok_all, seq_all = score(lm.model, batch, pad_id=lm.tokenizer.pad_token_id)
+        for i in range(len(batch)):
+            alone = batch.select([i]).trim()
+            assert alone.prompt_ids.shape[1] < batch.prompt_ids.shape[1] or i >= 8  # really unpadded
+            tok_1, seq_1 = score(lm.model, alone, pad_id=lm.tokenizer.pad_token_id)
+            assert abs(float(seq_1[0] - seq_all[i])) < 1e-5
+            n = tok_1.shape[1]
+            assert torch.allclose(tok_1[0], tok_all[i, :n], atol=1e-5)
+
+
+def test_sampling_distribution_matches_recorded_logq(lm):
+    """One-token samples: empirical frequencies agree with exp(log q) (chi-square, 10,000 draws)."""
+    config = SamplingConfig(temperature=1.5, top_k=6)
+    batch = sample(lm.model, lm.tokenizer, ["the cat"], 10000, 1, config, generator=torch.Generator().manual_seed(3))
+    probs = {}
+    for tok, lq in zip(batch.tokens[:, 0].tolist(), batch.token_logq[:, 0].tolist()):
+        probs[tok] = lq
+    assert len(probs) <= 6  # top-k respected
+    counts = torch.bincount(batch.tokens[:, 0], minlength=len(lm.tokenizer)).double()
+    p = torch.zeros_like(counts)
+    for tok, lq in probs.items():
+        p[tok] = torch.tensor(lq).exp()
+    assert abs(float(p.sum()) - 1) < 1e-5  # all tokens in the support were seen, and they sum to 1
+    expected = 10000 * p[p > 0]
+    chi2 = float((((counts[p > 0] - expected) ** 2) / expected).sum())
+    assert chi2 < 30.0  # df ≤ 5: P(χ²₅ > 30) ≈ 1.5e-5
+
+
+def test_top_p_keeps_smallest_set_reaching_mass():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    lp = transformed_logprobs(logits, SamplingConfig(top_p=0.8))
+    assert torch.isinf(lp[0, 2:]).all() and torch.allclose(lp[0, :2].exp(), torch.tensor([0.625, 0.375]))
+    lp = transformed_logprobs(logits, SamplingConfig(top_k=3))
+    assert torch.isinf(lp[0, 3]) and torch.allclose(lp[0, :3].exp().sum(), torch.tensor(1.0))
+
+
+def test_bad_inputs(lm):
+    with pytest.raises(ValueError, match="empty list"):
+        sample(lm.model, lm.tokenizer, [], 2, 5)
+    with pytest.raises(ValueError, match="exceeds the model window"):
+        sample(lm.model, lm.tokenizer, ["the " * 200], 1, 5)
+    with pytest.raises(ValueError, match="tokenises to nothing"):
+        make_batch(lm.tokenizer, [""], ["the cat", ""])
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingConfig(temperature=0)
+    with pytest.raises(TypeError, match="single string"):
+        sample(lm.model, lm.tokenizer, "the cat", 1, 5)
+
+
+def test_scoring_given_texts(lm):
+    batch = make_batch(lm.tokenizer, ["the cat", "she"], ["is very happy", "was"], add_eos=True)
+    with torch.no_grad():
+        tok, seq = score(lm.model, batch, pad_id=lm.tokenizer.pad_token_id)
+        # by hand: one full forward of one sequence, log-softmax, gather
+        ids = torch.tensor([[lm.tokenizer.bos_token_id] + lm.tokenizer("the cat is very happy")["input_ids"] + [lm.tokenizer.eos_token_id]])
+        logp = torch.log_softmax(lm.model(ids).logits.float(), -1)[0]
+        manual = sum(float(logp[i - 1, ids[0, i]]) for i in range(3, ids.shape[1]))
+    assert abs(float(seq[0]) - manual) < 1e-5
+    assert batch.mask.sum(-1).tolist() == [4, 2]

