@@ -45,6 +45,7 @@ class FDPGLossOutput:
     coefficients: torch.Tensor  # w_i (R_i − B_i), the detached factor of −log π_i
     log_ratio: torch.Tensor  # log t_i = log π_i − log p_i
     ess: torch.Tensor  # (Σw)²/Σw²
+    skipped: torch.Tensor | None = None  # FDivergenceLoss: samples whose context Z is unknown (coefficient 0)
 
 
 def _check_vector(name: str, x, n: int | None = None) -> torch.Tensor:
@@ -162,8 +163,9 @@ class FDivergenceLoss(nn.Module):
 
     ``forward(policy_logprobs, proposal_logprobs, target_logscores, context_ids=None)`` first adds
     the batch to Ẑ, then computes :func:`f_dpg_loss` with the updated per-context log Ẑ. Samples
-    whose context still has an unknown Z (every P so far 0) get coefficient 0 (no update) and
-    are counted in :attr:`skipped_samples`; if none is left, the loss is 0 (still differentiable).
+    whose context still has an unknown Z (every P so far 0) get coefficient 0 (no update), are
+    marked in ``out.skipped`` and counted in :attr:`skipped_samples`; the loss stays the mean over
+    all N samples (so that it is differentiable and 0 when nothing is known).
     """
 
     def __init__(self, divergence: str | Divergence = "js", baseline: str | Baseline | None = None,
@@ -178,25 +180,31 @@ class FDivergenceLoss(nn.Module):
     def forward(self, policy_logprobs, proposal_logprobs, target_logscores, context_ids=None) -> FDPGLossOutput:
         self.log_z.update(target_logscores, proposal_logprobs, context_ids)
         n = policy_logprobs.numel()
+        device = policy_logprobs.device
         log_z, known = self.log_z.log_z(context_ids, n=n)
-        known = known.to(policy_logprobs.device)
-        if not known.all():
-            self.skipped_samples += int((~known).sum())
-            if not known.any():
-                zero = (policy_logprobs * 0.0).sum()
-                empty = torch.zeros(0, dtype=torch.float64)
-                return FDPGLossOutput(zero, empty, empty, empty, empty, empty, empty, torch.tensor(0.0, dtype=torch.float64))
-            keep = known.nonzero().flatten()
-            sub = lambda x: None if x is None else torch.as_tensor(x, device=policy_logprobs.device)[keep]  # noqa: E731
-            out = f_dpg_loss(policy_logprobs[keep], proposal_logprobs[keep], target_logscores[keep], self.divergence,
-                             log_z.to(policy_logprobs.device)[keep], self.baseline, "sum", sub(context_ids), self.log_p_floor)
-            out.loss = out.loss / n
+        log_z, known = log_z.to(device), known.to(device)
+        if known.all():
+            out = f_dpg_loss(policy_logprobs, proposal_logprobs, target_logscores, self.divergence, log_z,
+                             self.baseline, "mean", context_ids, self.log_p_floor)
+            out.skipped = torch.zeros(n, dtype=torch.bool, device=device)
             return out
-        return f_dpg_loss(policy_logprobs, proposal_logprobs, target_logscores, self.divergence,
-                          log_z.to(policy_logprobs.device), self.baseline, "mean", context_ids, self.log_p_floor)
+        self.skipped_samples += int((~known).sum())
+        full = lambda: torch.zeros(n, dtype=torch.float64, device=device)  # noqa: E731
+        out = FDPGLossOutput((policy_logprobs * 0.0).sum(), full(), full(), full(), full(), full(), full(),
+                             torch.tensor(0.0, dtype=torch.float64), skipped=~known)
+        if known.any():
+            keep = known.nonzero().flatten()
+            ctx = None if context_ids is None else torch.as_tensor(context_ids, device=device)[keep]
+            sub = f_dpg_loss(policy_logprobs[keep], proposal_logprobs[keep], target_logscores[keep], self.divergence,
+                             log_z[keep], self.baseline, "sum", ctx, self.log_p_floor)
+            out.loss = sub.loss / n
+            for name in ("pseudo_rewards", "advantages", "baselines", "importance_weights", "coefficients", "log_ratio"):
+                getattr(out, name)[keep] = getattr(sub, name)
+            out.ess = sub.ess
+        return out
 
     def state_dict_extra(self) -> dict:
-        """Non-tensor state for checkpoints: Z accumulator, baseline, counters."""
+        """Non-parameter state for checkpoints: Z accumulator, baseline, counters."""
         return {"log_z": self.log_z.state_dict(), "baseline": self.baseline.state_dict(), "skipped_samples": self.skipped_samples}
 
     def load_state_dict_extra(self, state: dict) -> None:

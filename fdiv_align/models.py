@@ -149,13 +149,13 @@ TINY_WORDS = ("the a cat dog she he her him herself himself is was very amazing 
               "science data cell atom def return pass x y ( ) : , . and or not in on it this that").split()
 
 
-def tiny_tokenizer():
-    """A word-level tokenizer over :data:`TINY_WORDS` plus <pad>, <bos>, <eos>, <unk> (built in code)."""
+def tiny_tokenizer(words=None):
+    """A word-level tokenizer over ``words`` (default :data:`TINY_WORDS`) plus <pad>, <bos>, <eos>, <unk>."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<bos>", "<eos>", "<unk>"]
-    vocab = {w: i for i, w in enumerate(specials + TINY_WORDS)}
+    vocab = {w: i for i, w in enumerate(specials + list(words or TINY_WORDS))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
@@ -163,18 +163,19 @@ def tiny_tokenizer():
 
 
 def tiny_model(seed: int = 0, hidden_size: int = 32, num_layers: int = 2, dtype=torch.float32,
-               tie_word_embeddings: bool = False) -> LoadedModel:
+               tie_word_embeddings: bool = False, words=None, logit_scale: float = 20.0) -> LoadedModel:
     """A tiny random Llama with the :func:`tiny_tokenizer` (milliseconds, no files)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = tiny_tokenizer()
+    tok = tiny_tokenizer(words)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                          num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=128, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id, tie_word_embeddings=tie_word_embeddings)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(resolve_dtype(dtype))
-    with torch.no_grad():  # larger logits than the default init, so that samples vary and EOS happens
-        model.lm_head.weight.mul_(20.0) if not tie_word_embeddings else None
+    if not tie_word_embeddings:
+        with torch.no_grad():  # larger logits than the default init, so that samples vary and EOS happens
+            model.lm_head.weight.mul_(logit_scale)
     model.eval()
     return LoadedModel(model, tok, "tiny")

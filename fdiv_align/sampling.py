@@ -17,6 +17,7 @@ them, and scoring with the same config uses the same function. Pure ancestral sa
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -151,11 +152,15 @@ def _decode(tokenizer, tokens: torch.Tensor, mask: torch.Tensor) -> list[str]:
 @torch.no_grad()
 def sample(model, tokenizer, contexts: list[str], num_samples: int | list[int], max_new_tokens: int,
            config: SamplingConfig = SamplingConfig(), stop_at_eos: bool = True,
-           generator: torch.Generator | None = None, context_index: torch.Tensor | None = None) -> Batch:
+           generator: torch.Generator | None = None, context_index: torch.Tensor | None = None,
+           uniforms: torch.Tensor | None = None, autocast_dtype: torch.dtype | None = None) -> Batch:
     """Ancestral samples with KV cache; log q of every token recorded as it is drawn.
 
     ``num_samples`` per context (int or one count per context), or explicit ``context_index``.
     With ``stop_at_eos`` the length is at most ``max_new_tokens``; otherwise exactly that.
+    Tokens are drawn by inverse CDF from uniforms U [B, max_new_tokens] (drawn from ``generator``
+    unless given), so a sample depends only on its own row of U: splitting a batch across
+    processes or micro-batches gives the same samples.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
@@ -180,15 +185,32 @@ def sample(model, tokenizer, contexts: list[str], num_samples: int | list[int], 
     mask = torch.zeros((B, max_new_tokens), dtype=torch.long, device=device)
     token_logq = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
+    if uniforms is None:
+        uniforms = torch.rand((B, max_new_tokens), generator=generator, dtype=torch.float64)
+    if uniforms.shape != (B, max_new_tokens):
+        raise ValueError(f"uniforms: expected shape {(B, max_new_tokens)}, got {tuple(uniforms.shape)}")
+    uniforms = uniforms.to(device)
+    ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+    with ctx:
+        return _sample_loop(model, tokenizer, contexts, context_index, prompt_ids, prompt_mask, ids, attn, pos, tokens,
+                            mask, token_logq, finished, uniforms, max_new_tokens, config, stop_at_eos, pad_id, eos_id)
+
+
+def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw: the first token whose cumulative mass exceeds u·total (zero-mass tokens
+    are never drawn)."""
+    cdf = probs.double().cumsum(-1)
+    return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1).clamp_max(probs.shape[-1] - 1)
+
+
+def _sample_loop(model, tokenizer, contexts, context_index, prompt_ids, prompt_mask, ids, attn, pos, tokens, mask,
+                 token_logq, finished, uniforms, max_new_tokens, config, stop_at_eos, pad_id, eos_id) -> Batch:
+    B, device = ids.shape[0], ids.device
     out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
     last_pos = pos[:, -1:]
     for t in range(max_new_tokens):
         logp = transformed_logprobs(out.logits[:, -1, :], config)
-        probs = logp.exp()
-        if generator is not None and generator.device != probs.device:
-            tok = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(device)
-        else:
-            tok = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        tok = _draw(logp.exp(), uniforms[:, t])
         live = ~finished
         tokens[:, t] = torch.where(live, tok, torch.full_like(tok, pad_id))
         token_logq[:, t] = torch.where(live, logp.gather(1, tok[:, None]).squeeze(1), torch.zeros_like(token_logq[:, t]))

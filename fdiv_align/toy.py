@@ -151,3 +151,37 @@ def minimise(problem: ToyProblem, divergence, steps: int = 200, batch_size: int 
         with torch.no_grad():
             curve.append(float(problem.exact_divergence(loss_fn.divergence, policy)))
     return {"before": before, "after": exact_all(), "curve": curve, "policy": policy}
+
+
+# ----------------------------------------------------------------------------- an enumerable HF LM
+
+
+def enumerable_lm(seed: int = 0, words=("a", "b", "c"), length: int = 3, logit_scale: float = 3.0):
+    """A tiny HF Llama over ``words`` + 4 specials, generating exactly ``length`` tokens (no EOS stop):
+    (4 + len(words))^length sequences, all enumerable. Returns (LoadedModel, all_sequences [S, length])."""
+    from .models import tiny_model
+
+    lm = tiny_model(seed=seed, hidden_size=16, num_layers=1, words=list(words), logit_scale=logit_scale)
+    V = len(lm.tokenizer)
+    seqs = torch.tensor(list(itertools.product(range(V), repeat=length)), dtype=torch.long)
+    return lm, seqs
+
+
+def enumeration_batch(tokenizer, sequences: torch.Tensor, context: str = ""):
+    """A :class:`fdiv_align.sampling.Batch` holding every sequence after one context."""
+    from .sampling import Batch, encode_contexts
+
+    S, T = sequences.shape
+    prompt = torch.tensor(encode_contexts(tokenizer, [context])[0]).expand(S, -1).clone()
+    mask = torch.ones(S, T, dtype=torch.long)
+    texts = tokenizer.batch_decode(sequences.tolist(), skip_special_tokens=True)
+    return Batch(torch.zeros(S, dtype=torch.long), [context], prompt, torch.ones_like(prompt), sequences.clone(), mask, None, texts)
+
+
+def exact_trainer_divergences(trainer, batch, measure=("fkl", "rkl", "js", "tv")) -> dict:
+    """Exact D(π‖p) for a :class:`fdiv_align.Trainer` whose sample space is ``batch`` (every sequence)."""
+    with torch.no_grad():
+        log_pi = trainer.policy_logprobs(batch).double().cpu()
+        log_P = trainer.target.log_scores(batch, trainer.base_logprobs(batch)).log_P
+    log_p = log_P - torch.logsumexp(log_P, 0)
+    return {m: float(exact_divergence(m, log_pi, log_p)) for m in measure}

@@ -1,0 +1,96 @@
+"""Atomic, verified checkpoints.
+
+``save_checkpoint(root, step, state)`` writes ``state`` (anything ``torch.save`` accepts) to a
+temporary directory, writes a manifest with each file's size and SHA-256 last, fsyncs, and
+renames the directory to ``root/checkpoint-{step:08d}`` (a rename is atomic). A crash at any
+moment leaves either the old set of checkpoints or the old set plus a complete new one; stray
+temporary directories are ignored. ``load_latest`` returns the newest checkpoint whose manifest
+matches its files, skipping (with a warning) any that is truncated or corrupt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+__all__ = ["save_checkpoint", "load_latest", "list_checkpoints", "verify_checkpoint"]
+
+STATE_FILE = "state.pt"
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(root: str | Path, step: int, state: dict, keep: int = 2) -> Path:
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-checkpoint-", dir=root))
+    try:
+        torch.save(state, tmp / STATE_FILE)
+        _fsync(tmp / STATE_FILE)
+        manifest = {"step": step, "files": {STATE_FILE: {"bytes": (tmp / STATE_FILE).stat().st_size,
+                                                         "sha256": _sha256(tmp / STATE_FILE)}}}
+        (tmp / MANIFEST).write_text(json.dumps(manifest))
+        _fsync(tmp / MANIFEST)
+        final = root / f"checkpoint-{step:08d}"
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    root = Path(root)
+    if not root.exists():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("checkpoint-"))
+
+
+def verify_checkpoint(path: Path) -> bool:
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        for name, meta in manifest["files"].items():
+            f = path / name
+            if not f.exists() or f.stat().st_size != meta["bytes"] or _sha256(f) != meta["sha256"]:
+                return False
+        return True
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def load_latest(root: str | Path) -> tuple[int, dict, Path] | None:
+    """(step, state, path) of the newest valid checkpoint under root, or None."""
+    for path in reversed(list_checkpoints(root)):
+        if verify_checkpoint(path):
+            manifest = json.loads((path / MANIFEST).read_text())
+            state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+            return int(manifest["step"]), state, path
+        warnings.warn(f"checkpoint {path} is incomplete or corrupt (manifest mismatch); using an older one", RuntimeWarning)
+    return None

@@ -1,0 +1,42 @@
+"""Fused lm_head → token log-prob kernels (see :mod:`.token_logprobs`) and their integration."""
+
+from __future__ import annotations
+
+import torch
+
+from .token_logprobs import (compile_count, default_chunk_size, reference_token_logprobs, token_logprobs,
+                             weighted_token_logprob_sum)
+
+__all__ = ["token_logprobs", "reference_token_logprobs", "weighted_token_logprob_sum", "default_chunk_size",
+           "compile_count", "head_logprob_fn", "plain_linear_head"]
+
+
+def plain_linear_head(head) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) of a plain ``nn.Linear`` output head; TypeError for anything else (a PEFT-wrapped
+    head, a custom module), since the kernel would silently skip what that module does."""
+    if type(head) is not torch.nn.Linear:
+        raise TypeError(f"fused log-prob kernel needs a plain torch.nn.Linear output head, got {type(head).__module__}."
+                        f"{type(head).__name__} (PEFT adapter on lm_head?). Set trainer.fused_logprobs=false to use the "
+                        f"unfused path")
+    return head.weight, head.bias
+
+
+def head_logprob_fn(allow_fallback: bool = False, compile: bool = True):
+    """A ``logprob_fn(hidden [B,T,H], head, targets [B,T], config) -> [B,T]`` for
+    :func:`fdiv_align.sampling.score`: the fused kernel, with the sampler's temperature. Top-k/top-p
+    need whole logit rows: refused unless ``allow_fallback`` (then the unfused path is used)."""
+    from ..sampling import transformed_logprobs
+
+    def fn(hidden, head, targets, config):
+        if config.top_k or config.top_p < 1.0 or type(head) is not torch.nn.Linear:
+            if not allow_fallback:
+                if type(head) is not torch.nn.Linear:
+                    plain_linear_head(head)
+                raise ValueError("fused log-prob kernel supports temperature only, not top-k/top-p: set "
+                                 "trainer.fused_logprobs=false")
+            logp = transformed_logprobs(head(hidden), config)
+            return logp.gather(-1, targets[..., None]).squeeze(-1)
+        weight, bias = plain_linear_head(head)
+        return token_logprobs(hidden, weight, targets, temperature=config.temperature, bias=bias, compile=compile)
+
+    return fn
