@@ -206,10 +206,12 @@ def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 def _sample_loop(model, tokenizer, contexts, context_index, prompt_ids, prompt_mask, ids, attn, pos, tokens, mask,
                  token_logq, finished, uniforms, max_new_tokens, config, stop_at_eos, pad_id, eos_id) -> Batch:
     B, device = ids.shape[0], ids.device
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+    backbone, head = backbone_and_head(model)
+    out = backbone(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
     last_pos = pos[:, -1:]
+    width = max_new_tokens
     for t in range(max_new_tokens):
-        logp = transformed_logprobs(out.logits[:, -1, :], config)
+        logp = transformed_logprobs(head_logits(head, out.last_hidden_state[:, -1, :]), config)
         tok = _draw(logp.exp(), uniforms[:, t])
         live = ~finished
         tokens[:, t] = torch.where(live, tok, torch.full_like(tok, pad_id))
@@ -218,14 +220,16 @@ def _sample_loop(model, tokenizer, contexts, context_index, prompt_ids, prompt_m
         if stop_at_eos and eos_id is not None:
             finished = finished | (tok == eos_id)
             if bool(finished.all()):
+                width = t + 1  # every row has ended: drop the all-padding columns
                 break
         if t + 1 == max_new_tokens:
             break
         attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], dim=1)
         last_pos = last_pos + 1
-        out = model(input_ids=tokens[:, t:t + 1], attention_mask=attn, position_ids=last_pos,
-                    past_key_values=out.past_key_values, use_cache=True)
-    batch = Batch(context_index, list(contexts), prompt_ids, prompt_mask, tokens.cpu(), mask.cpu(), token_logq.cpu())
+        out = backbone(input_ids=tokens[:, t:t + 1], attention_mask=attn, position_ids=last_pos,
+                       past_key_values=out.past_key_values, use_cache=True)
+    batch = Batch(context_index, list(contexts), prompt_ids, prompt_mask, tokens[:, :width].cpu(), mask[:, :width].cpu(),
+                  token_logq[:, :width].cpu())
     batch.texts = _decode(tokenizer, batch.tokens, batch.mask)
     return batch
 
@@ -255,6 +259,17 @@ def make_batch(tokenizer, contexts: list[str], continuations: list[str], context
         mask[i, : len(r)] = 1
     prompt_ids, prompt_mask = _left_pad([encoded[i] for i in context_index.tolist()], tokenizer.pad_token_id)
     return Batch(context_index, list(contexts), prompt_ids, prompt_mask, tokens, mask, None, list(continuations))
+
+
+def head_logits(head, hidden: torch.Tensor) -> torch.Tensor:
+    """fp32 logits of the output head, outside any autocast: the backbone may run in bf16, but the
+    logits (and hence every log-probability the estimator sees) are computed in fp32."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        if type(head) is torch.nn.Linear:
+            bias = None if head.bias is None else head.bias.float()
+            return torch.nn.functional.linear(hidden.float(), head.weight.float(), bias)
+        weight = getattr(head, "weight", None)
+        return head(hidden.to(weight.dtype) if weight is not None else hidden).float()
 
 
 def backbone_and_head(model):
@@ -313,10 +328,10 @@ def score(model, batch: Batch, config: SamplingConfig = SamplingConfig(), paddin
     h = hidden.gather(1, predict.to(device)[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, T, H]
     targets = batch.tokens.to(device)
     if logprob_fn is None:
-        logp = transformed_logprobs(head(h), config)
+        logp = transformed_logprobs(head_logits(head, h), config)
         tok_lp = logp.gather(-1, targets[..., None]).squeeze(-1)
     else:
-        tok_lp = logprob_fn(h, head, targets, config)
+        tok_lp = logprob_fn(h.float(), head, targets, config)
     m = batch.mask.to(device).bool()
     tok_lp = torch.where(m, tok_lp, torch.zeros_like(tok_lp))
     return tok_lp, tok_lp.sum(-1)

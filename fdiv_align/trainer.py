@@ -76,6 +76,10 @@ class Trainer:
         if tc.deterministic:
             torch.use_deterministic_algorithms(True)
         self._seed_everything(tc.seed)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and _dist() is None:
+            from accelerate import PartialState
+
+            PartialState()  # torchrun / accelerate launch: initialise the process group (gloo on CPU)
         dist = _dist()
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
         self.output_dir = Path(output_dir or cfg.output_dir or Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))

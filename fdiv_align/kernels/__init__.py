@@ -34,9 +34,13 @@ def head_logprob_fn(allow_fallback: bool = False, compile: bool = True):
                     plain_linear_head(head)
                 raise ValueError("fused log-prob kernel supports temperature only, not top-k/top-p: set "
                                  "trainer.fused_logprobs=false")
-            logp = transformed_logprobs(head(hidden), config)
+            from ..sampling import head_logits
+
+            logp = transformed_logprobs(head_logits(head, hidden), config)
             return logp.gather(-1, targets[..., None]).squeeze(-1)
         weight, bias = plain_linear_head(head)
-        return token_logprobs(hidden, weight, targets, temperature=config.temperature, bias=bias, compile=compile)
+        with torch.autocast(hidden.device.type, enabled=False):  # fp32 head, like head_logits
+            return token_logprobs(hidden.float(), weight.float(), targets, temperature=config.temperature,
+                                  bias=None if bias is None else bias.float(), compile=compile)
 
     return fn
