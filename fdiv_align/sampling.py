@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["SamplingConfig", "Batch", "transformed_logprobs", "encode_contexts", "sample", "score",
+__all__ = ["SamplingConfig", "Batch", "transformed_logprobs", "encode_contexts", "sample", "score", "weighted_logprob_sum",
            "make_batch", "backbone_and_head"]
 
 
@@ -313,6 +313,44 @@ def _layout(batch: Batch, padding_side: str, pad_id: int):
     raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
 
 
+def _continuation_hidden(model, batch: Batch, padding_side: str, pad_id: int):
+    """Hidden states [B, T, H] that predict the continuation tokens, and the output head."""
+    device = next(model.parameters()).device
+    ids, attn, pos, predict = _layout(batch, padding_side, pad_id)
+    backbone, head = backbone_and_head(model)
+    hidden = backbone(input_ids=ids.to(device), attention_mask=attn.to(device), position_ids=pos.to(device)).last_hidden_state
+    return hidden.gather(1, predict.to(device)[..., None].expand(-1, -1, hidden.shape[-1])), head
+
+
+def weighted_logprob_sum(model, batch: Batch, sequence_weights: torch.Tensor, config: SamplingConfig = SamplingConfig(),
+                         pad_id: int = 0, fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ_i w_i log π(x_i|c_i) as a differentiable scalar, detached [B] log π).
+
+    ``fused``: the head's gradients are computed in the forward pass by
+    :func:`fdiv_align.kernels.weighted_token_logprob_sum` (the weights are known before the forward,
+    as f-DPG's coefficients are), never materialising [tokens × vocab] logits. Needs a plain
+    ``nn.Linear`` head and no top-k/top-p (refused otherwise); ``fused=False`` is the plain path.
+    """
+    device = next(model.parameters()).device
+    m = batch.mask.to(device).bool()
+    w = sequence_weights.to(device, torch.float32)
+    if not fused:
+        _, seq = score(model, batch, config, pad_id=pad_id)
+        return (w * seq).sum(), seq.detach()
+    from .kernels import plain_linear_head, weighted_token_logprob_sum
+
+    if config.top_k or config.top_p < 1.0:
+        raise ValueError("the fused log-prob kernel supports temperature only, not top-k/top-p: set trainer.fused_logprobs=false")
+    h, head = _continuation_hidden(model, batch, "left", pad_id)
+    weight, bias = plain_linear_head(head)
+    token_w = torch.where(m, w[:, None].expand_as(m), torch.zeros((), device=device))
+    with torch.autocast(device.type, enabled=False):  # fp32 head, like head_logits
+        total, tok_lp = weighted_token_logprob_sum(h.float(), weight.float() if weight.dtype != torch.float32 else weight,
+                                                   batch.tokens.to(device), token_w, config.temperature,
+                                                   bias=None if bias is None else bias.float())
+    return total, torch.where(m, tok_lp, torch.zeros_like(tok_lp)).sum(-1)
+
+
 def score(model, batch: Batch, config: SamplingConfig = SamplingConfig(), padding_side: str = "left",
           pad_id: int = 0, logprob_fn=None) -> tuple[torch.Tensor, torch.Tensor]:
     """log π(x_t | c, x_<t) for the continuation tokens: ([B, T] per token, 0 at padding; [B] sums).
@@ -322,10 +360,7 @@ def score(model, batch: Batch, config: SamplingConfig = SamplingConfig(), paddin
     config)`` replaces the head+log-softmax+gather step (the fused kernel plugs in here).
     """
     device = next(model.parameters()).device
-    ids, attn, pos, predict = _layout(batch, padding_side, pad_id)
-    backbone, head = backbone_and_head(model)
-    hidden = backbone(input_ids=ids.to(device), attention_mask=attn.to(device), position_ids=pos.to(device)).last_hidden_state
-    h = hidden.gather(1, predict.to(device)[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, T, H]
+    h, head = _continuation_hidden(model, batch, padding_side, pad_id)  # [B, T, H]
     targets = batch.tokens.to(device)
     if logprob_fn is None:
         logp = transformed_logprobs(head_logits(head, h), config)

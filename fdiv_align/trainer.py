@@ -41,7 +41,7 @@ from .estimators import estimate_divergences
 from .loss import FDivergenceLoss
 from .metrics import MetricsLogger, distinct_n
 from .models import LoadedModel, load_model, tiny_model
-from .sampling import Batch, SamplingConfig, sample, score
+from .sampling import Batch, SamplingConfig, sample, score, weighted_logprob_sum
 from .targets import BaseLM, load_contexts
 from .targets.tasks import Task, get_task
 
@@ -252,6 +252,13 @@ class Trainer:
         with self._autocast():
             return score(self.model, batch, self.sampling, pad_id=self.tokenizer.pad_token_id, logprob_fn=self.logprob_fn)[1].float()
 
+    def policy_loss(self, batch: Batch, coefficients: torch.Tensor, n_total: int) -> torch.Tensor:
+        """The surrogate −Σ_i coefficient_i · log πθ(x_i) / N for (a micro-batch of) the step's samples."""
+        with self._autocast():
+            total, _ = weighted_logprob_sum(self.model, batch, -coefficients / n_total, self.sampling,
+                                            pad_id=self.tokenizer.pad_token_id, fused=self.cfg.trainer.fused_logprobs)
+        return total
+
     def _sample(self, context_index: torch.Tensor, uniforms: torch.Tensor, proposal: bool = True) -> Batch:
         self.model.eval()
         with torch.no_grad(), (self._proposal_weights() if proposal else contextlib.nullcontext()):
@@ -330,13 +337,9 @@ class Trainer:
 
         self.model.train()
         micro = [torch.arange(len(batch))[i:i + tc.micro_batch_size] for i in range(0, len(batch), tc.micro_batch_size)]
-        graph = None
         if self.proposal_state is None:
             log_pi = log_q  # on-policy: π = q, recorded at sampling
-        elif len(micro) == 1 and self.world == 1:
-            graph = self.policy_logprobs(batch)
-            log_pi = graph.detach().double().cpu()
-        else:
+        else:  # off-policy: the coefficients need log π before the gradient pass
             with torch.no_grad():
                 log_pi = torch.cat([self.policy_logprobs(batch.select(m)).double().cpu() for m in micro])
 
@@ -347,9 +350,7 @@ class Trainer:
 
         self.optimizer.zero_grad(set_to_none=True)
         for m in micro:
-            lp = graph[m] if graph is not None else self.policy_logprobs(batch.select(m))
-            loss = -(coef[m].to(lp.device) * lp).sum() / N
-            loss.backward()
+            self.policy_loss(batch.select(m), coef[m], N).backward()
         self._allreduce_grads()
         grad_norm = None
         if tc.max_grad_norm:

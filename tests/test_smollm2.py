@@ -81,3 +81,26 @@ def test_missing_model_errors():
         load_model("./no/such/model")
     with pytest.raises(ValueError, match="quantization"):
         load_model("smollm2-135m", quantization="3bit")
+
+
+@pytest.mark.slow  # ~5 min here: bitsandbytes' CPU 4-bit matmul falls back to a slow path without the `kernels` hub package
+def test_4bit_base_with_lora_trains(tmp_path):
+    from fdiv_align.config import from_dict
+    from fdiv_align.trainer import Trainer
+
+    cfg = from_dict({"model": {"name": "smollm2-135m", "quantization": "4bit", "lora_r": 4},
+                     "task": {"name": "sentiment", "max_new_tokens": 8},
+                     "trainer": {"steps": 2, "samples_per_step": 4, "micro_batch_size": 4, "eval_every": 0,
+                                 "eval_samples": 4, "checkpoint_every": 0, "lr": 1e-2},
+                     "logger": {"progress": False}})
+    tr = Trainer(cfg, output_dir=tmp_path)
+    import bitsandbytes as bnb
+
+    assert tr.use_lora and any(isinstance(m, bnb.nn.Linear4bit) for m in tr.model.modules())
+    before = {n: p.detach().clone() for n, p in tr.trainable.items()}
+    summary = tr.train()
+    assert summary["status"] == "finished" and summary["steps"] == 2
+    moved = max(float((p.detach() - before[n]).abs().max()) for n, p in tr.trainable.items())
+    assert moved > 0
+    with pytest.raises(ValueError, match="only be trained with LoRA"):
+        Trainer(from_dict({"model": {"name": "smollm2-135m", "quantization": "4bit", "lora": False}}), output_dir=tmp_path / "x")

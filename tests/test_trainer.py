@@ -184,9 +184,8 @@ def test_kernel_on_off_same_loss_and_gradients(tmp_path):
         g = torch.Generator().manual_seed(0)
         batch = tr._sample(torch.zeros(8, dtype=torch.long), torch.rand(8, 6, generator=g, dtype=torch.float64))
         tr.model.zero_grad()
-        lp = tr.policy_logprobs(batch)
         coef = torch.linspace(-1, 1, 8)
-        loss = -(coef * lp).mean()
+        loss = tr.policy_loss(batch, coef, 8)  # the trainer's surrogate, fused kernel on or off
         loss.backward()
         losses.append(loss.detach())
         grads.append({n: p.grad.clone() for n, p in tr.trainable.items()})
@@ -205,11 +204,11 @@ cfg = tiny_cfg(trainer={{"steps": 20, "samples_per_step": 6, "micro_batch_size":
                         "checkpoint_every": 0}}, task={{"max_new_tokens": 9}})
 tr = Trainer(cfg, output_dir={out!r})
 shapes = set()
-orig = tr.policy_logprobs
-def spy(batch):
+orig = tr.policy_loss
+def spy(batch, coefficients, n_total):
     shapes.add(tuple(batch.tokens.shape))
-    return orig(batch)
-tr.policy_logprobs = spy
+    return orig(batch, coefficients, n_total)
+tr.policy_loss = spy
 def vary_length(trainer, step, record):  # sequence lengths 4..10 across steps
     trainer.max_new_tokens = 4 + (step * 3) % 7
 tr.callbacks.append(vary_length)
@@ -227,3 +226,23 @@ def test_no_recompilation_storm(tmp_path):
     print(f"\nkernel compilations over 20 steps with {result['shapes']} distinct batch shapes: {result['compiles']}")
     assert result["shapes"] >= 3  # the lengths really varied
     assert 1 <= result["compiles"] <= 6  # forward and backward, static then dynamic specialisations at most
+
+
+def test_two_processes_equal_one(tmp_path):
+    """torchrun with 2 CPU processes (gloo) reaches the parameters of 1 process, same global batch and seed."""
+    worker = os.path.join(ROOT, "tests", "dist_worker.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for nproc in (1, 2):
+        out = tmp_path / f"np{nproc}"
+        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                              "--master_port", str(29500 + nproc + os.getpid() % 1000), worker, str(out)],
+                             capture_output=True, text=True, timeout=600, env=env)
+        assert res.returncode == 0, res.stderr[-3000:]
+    one = torch.load(tmp_path / "np1" / "params-rank0.pt")
+    for rank in (0, 1):
+        two = torch.load(tmp_path / "np2" / f"params-rank{rank}.pt")
+        diff = max(float((one[n] - two[n]).abs().max()) for n in one)
+        assert diff < 1e-5, (rank, diff)
+    m1 = [json.loads(l) for l in (tmp_path / "np1" / "metrics.jsonl").read_text().splitlines()]
+    m2 = [json.loads(l) for l in (tmp_path / "np2" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["alignment"] for r in m1] == pytest.approx([r["alignment"] for r in m2])

@@ -1,0 +1,70 @@
+"""Peak memory of one f-DPG step on SmolLM2 with LoRA: reference = base with adapters disabled
+(one copy of the weights) vs. a separate reference copy, vs. full fine-tuning (which needs one).
+
+    python benchmarks/lora_memory.py [--samples 8] [--tokens 16]
+
+Each variant runs in its own subprocess; the figure is that process's peak RSS (ru_maxrss).
+"""
+
+import argparse
+import copy
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+
+VARIANTS = ["lora_disabled_adapters", "lora_separate_reference", "full_finetune"]
+
+
+def run_variant(name, samples, tokens):
+    import torch
+
+    from fdiv_align.config import from_dict
+    from fdiv_align.sampling import SamplingConfig, score
+    from fdiv_align.trainer import Trainer
+
+    cfg = from_dict({"model": {"name": "smollm2-135m", "lora": name != "full_finetune"},
+                     "task": {"name": "sentiment", "max_new_tokens": tokens},
+                     "trainer": {"steps": 1, "samples_per_step": samples, "micro_batch_size": samples, "eval_every": 0,
+                                 "eval_samples": samples, "checkpoint_every": 0},
+                     "logger": {"progress": False, "jsonl": False}})
+
+    class SeparateReference(Trainer):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.separate = copy.deepcopy(self.model.get_base_model()).eval()  # what a 2-model setup holds
+
+        @torch.no_grad()
+        def base_logprobs(self, batch):
+            return score(self.separate, batch, SamplingConfig(), pad_id=self.tokenizer.pad_token_id)[1].double()
+
+    cls = SeparateReference if name == "lora_separate_reference" else Trainer
+    with tempfile.TemporaryDirectory() as d:
+        cls(cfg, output_dir=d).train()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--variant", choices=VARIANTS)
+    args = ap.parse_args()
+    if args.variant:
+        print(json.dumps({"variant": args.variant, "peak_rss_mib": run_variant(args.variant, args.samples, args.tokens)}))
+        return
+    rows = []
+    for v in VARIANTS:
+        out = subprocess.run([sys.executable, __file__, "--variant", v, "--samples", str(args.samples), "--tokens", str(args.tokens)],
+                             capture_output=True, text=True, check=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    base = rows[0]["peak_rss_mib"]
+    print("| variant | peak RSS (MiB) | vs LoRA with adapters disabled |")
+    print("|---|---|---|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['peak_rss_mib']:.0f} | {r['peak_rss_mib'] / base:.2f}× |")
+
+
+if __name__ == "__main__":
+    main()
