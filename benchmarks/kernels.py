@@ -14,7 +14,8 @@ gradient into h and W):
   matmul     the lm_head matmuls alone (h Wᵀ, then dZ W and dZᵀ h): the floor any implementation pays
 
 Time: one process, variants interleaved within each repeat, median of repeats. Memory: each variant
-in its own subprocess, peak RSS (ru_maxrss) minus the RSS after the inputs were built (CPU) or the
+in its own subprocess, peak RSS (VmHWM, reset after a warm-up) minus the RSS with the inputs and their
+gradients allocated (CPU) or the
 CUDA allocator's peak minus the inputs (GPU). Every finished cell is saved to --results as JSON, so
 an interrupted run resumes where it stopped. Writes docs/results/kernels.md (or --out).
 """
@@ -110,14 +111,29 @@ def memory_cell(name, N, H, V, device, dtype):
     return None
 
 
+def peak_rss_mib() -> float:
+    """This process's peak RSS (VmHWM). Unlike ru_maxrss it is not inherited across fork+exec from a
+    large parent, and it can be reset (see :func:`reset_peak_rss`)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+
+
 def cpu_memory_cell(name, N, H, V, dtype):
     h, w, y, up = make_inputs(N, H, V, "cpu", dtype)
+    run_variant(name, h, w, y, up)  # warm-up: compilation, allocator caches, gradient buffers
     h.grad = torch.zeros_like(h)
     w.grad = torch.zeros_like(w)  # gradients count as inputs-sized state for every variant
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    reset_peak_rss()
+    base = peak_rss_mib()
     run_variant(name, h, w, y, up)
-    run_variant(name, h, w, y, up)
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+    return peak_rss_mib() - base
 
 
 def fits(name, N, V, budget_gib):

@@ -42,6 +42,9 @@ def run_variant(name, samples, tokens):
     cls = SeparateReference if name == "lora_separate_reference" else Trainer
     with tempfile.TemporaryDirectory() as d:
         cls(cfg, output_dir=d).train()
+    for line in open("/proc/self/status"):  # VmHWM: not inherited from the parent across fork+exec
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB
 
 

@@ -39,7 +39,7 @@ from .config import Config, to_dict
 from .divergences import get_divergence
 from .estimators import estimate_divergences
 from .loss import FDivergenceLoss
-from .metrics import MetricsLogger, distinct_n
+from .metrics import MetricsLogger, distinct_n, self_bleu
 from .models import LoadedModel, load_model, tiny_model
 from .sampling import Batch, SamplingConfig, sample, score, weighted_logprob_sum
 from .targets import BaseLM, load_contexts
@@ -441,7 +441,7 @@ class Trainer:
                   "kl_pi_a": float((log_pi - log_a).mean()), "entropy": float(-log_pi.mean()),
                   "entropy_per_token": float(-log_pi.sum() / lengths.sum()),
                   "distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2), "distinct_3": distinct_n(texts, 3),
-                  "samples_seen": self.samples_seen}
+                  "self_bleu_3": self_bleu(texts, 3), "samples_seen": self.samples_seen}
         if known.all():
             est = estimate_divergences(log_pi, log_pi, log_P, log_z)
             for key in ("kl_p_pi", "kl_pi_p", "js", "tv"):
@@ -522,6 +522,9 @@ class Trainer:
         fits = None
         if resumed is not None:
             step, state, path = resumed
+            done = self.output_dir / "summary.json"
+            if step >= tc.steps and done.exists() and json.loads(done.read_text()).get("steps") == step:
+                return json.loads(done.read_text())  # a finished run (e.g. a resumed sweep): nothing to redo
             self.load_state_dict(state)
             if self.logger is not None:
                 self.logger.truncate_after(self.step)

@@ -1,0 +1,117 @@
+"""Optimise an f-divergence objective inside TRL's online trainers (RLOO).
+
+TRL's ``RLOOTrainer`` (with ``beta=0``, ``num_iterations=1``, ``normalize_advantages=False``)
+computes, for the N = num_generations samples of a prompt, advantages A_i = r_i − mean_{j≠i} r_j
+and the loss −(1/N) Σ_i A_i log π(x_i) (its clipped ratio is exactly 1 on the first iteration).
+:class:`FDivergenceReward` is a TRL reward function that returns the f-DPG pseudo-reward
+r_i = R_i = −f′(π(x_i)/p(x_i)) computed from the current policy, the base model and the target
+scorer, with log Ẑ accumulated per prompt. TRL's leave-one-out baseline is then our ``loo``
+baseline, and its gradient equals :func:`fdiv_align.f_dpg_loss`'s (on-policy, w ≡ 1) for the
+same samples — ``tests/test_trl_integration.py`` checks this on a tiny model.
+
+    from trl import RLOOConfig, RLOOTrainer
+    from fdiv_align.integrations.trl import FDivergenceReward, rloo_config_kwargs
+    reward = FDivergenceReward(model, tokenizer, scorer=WordPresent("amazing"), divergence="js")
+    trainer = RLOOTrainer(model=model, reward_funcs=reward, processing_class=tokenizer, train_dataset=ds,
+                          args=RLOOConfig(output_dir="out", num_generations=8, per_device_train_batch_size=8,
+                                          **rloo_config_kwargs()))
+
+The base a(x) is the policy with its PEFT adapters disabled when the model is a ``PeftModel``,
+otherwise a frozen copy taken when the reward is built (before training starts).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from ..divergences import get_divergence
+from ..estimators import LogZAccumulator
+from ..sampling import Batch, SamplingConfig, score
+
+__all__ = ["FDivergenceReward", "rloo_config_kwargs"]
+
+
+def rloo_config_kwargs(exact: bool = True) -> dict:
+    """RLOOConfig settings under which TRL's loss is the f-DPG loss with a leave-one-out baseline.
+
+    ``exact``: also turn off TRL's mixed precision (transformers enables bf16 autocast by default on
+    CPUs with bf16 support, which moves sequence log-probs by ~1e-2 nats)."""
+    kw = {"beta": 0.0, "num_iterations": 1, "normalize_advantages": False, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    if exact:
+        kw.update(bf16=False, fp16=False)
+    return kw
+
+
+class FDivergenceReward:
+    """A TRL reward function returning f-DPG pseudo-rewards −f′(π/p) (see module docstring).
+
+    Call signature (TRL's): ``reward(prompts, completions, completion_ids, **kwargs) -> list[float]``.
+    ``log_p_floor`` as in :func:`fdiv_align.f_dpg_loss` for rkl/chi2 with pointwise scorers.
+    ``last`` keeps the tensors of the latest call (for inspection and tests).
+    """
+
+    def __init__(self, model, tokenizer, scorer, divergence="js", log_p_floor: float | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.scorer = scorer
+        self.divergence = get_divergence(divergence)
+        self.log_p_floor = log_p_floor
+        self.is_peft = hasattr(model, "disable_adapter")
+        self.reference = None if self.is_peft else copy.deepcopy(model).eval().requires_grad_(False)
+        self.log_z = LogZAccumulator()
+        self.context_ids: dict[str, int] = {}
+        self.__name__ = f"fdpg_{self.divergence.name}"
+        self.last: dict | None = None
+
+    def _batch(self, prompts, completion_ids) -> Batch:
+        tok = self.tokenizer
+        prompt_rows = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        width = max(len(r) for r in prompt_rows)
+        pad = tok.pad_token_id
+        prompt_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        prompt_mask = torch.zeros_like(prompt_ids)
+        for i, r in enumerate(prompt_rows):
+            prompt_ids[i, width - len(r):] = torch.tensor(r)
+            prompt_mask[i, width - len(r):] = 1
+        T = max(len(c) for c in completion_ids)
+        tokens = torch.full((len(prompts), T), pad, dtype=torch.long)
+        mask = torch.zeros_like(tokens)
+        for i, c in enumerate(completion_ids):
+            tokens[i, : len(c)] = torch.as_tensor(c)
+            mask[i, : len(c)] = 1
+        for p in prompts:
+            self.context_ids.setdefault(p, len(self.context_ids))
+        ctx = torch.tensor([self.context_ids[p] for p in prompts])
+        return Batch(ctx, list(prompts), prompt_ids, prompt_mask, tokens, mask, None, [])
+
+    @torch.no_grad()
+    def __call__(self, prompts, completions, completion_ids=None, **kwargs):
+        if completion_ids is None:
+            raise ValueError("FDivergenceReward needs TRL's completion_ids (TRL ≥ 0.17 passes them)")
+        texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+        prompts = [p if isinstance(p, str) else self.tokenizer.apply_chat_template(p, tokenize=False) for p in prompts]
+        batch = self._batch(prompts, completion_ids)
+        was_training = self.model.training
+        self.model.eval()
+        pad = self.tokenizer.pad_token_id
+        log_pi = score(self.model, batch, SamplingConfig(), pad_id=pad)[1].double()
+        if self.is_peft:
+            with self.model.disable_adapter():
+                log_a = score(self.model, batch, SamplingConfig(), pad_id=pad)[1].double()
+        else:
+            log_a = score(self.reference, batch, SamplingConfig(), pad_id=pad)[1].double()
+        self.model.train(was_training)
+        log_P = log_a.cpu() + self.scorer.log_scores(texts, prompts)
+        self.log_z.update(log_P, log_pi.cpu(), batch.context_index)
+        log_z, known = self.log_z.log_z(batch.context_index)
+        if not self.divergence.finite_where_target_is_zero and torch.isneginf(log_P).any():
+            if self.log_p_floor is None:
+                raise ValueError(f"divergence {self.divergence.name!r} needs log_p_floor for samples with P = 0")
+            log_P = log_P.clamp_min(self.log_p_floor)
+        log_t = log_pi.cpu() - log_P + torch.where(known, log_z, torch.zeros_like(log_z))
+        rewards = self.divergence.pseudo_reward(log_t)
+        rewards = torch.where(known, rewards, torch.full_like(rewards, float("nan")))  # TRL: NaN = unscorable
+        self.last = {"batch": batch, "log_pi": log_pi.cpu(), "log_P": log_P, "log_z": log_z, "rewards": rewards}
+        return [None if r != r else float(r) for r in rewards.tolist()]

@@ -1,0 +1,164 @@
+"""``fdiv-align-report``: result tables and plots from Hydra multirun directories.
+
+    fdiv-align-report multirun/2026-11-22/10-00-00 [more dirs] --out docs/results/smollm2.md --plots docs/results/plots
+
+Reads every run directory (a directory holding summary.json and metrics.jsonl) under the given
+paths. Per task: a "base" row (the untuned model: the step-0 evaluation, identical in every run of
+the task) and one row per divergence with the final evaluation's KL(p‖π), KL(π‖p), JS and TV
+estimates, alignment, KL(π‖a), Distinct-1/2/3, Self-BLEU-3 and entropy — mean ± standard error over
+seeds — and the seeds and settings that made the cell. Plots (one PNG per figure, per task):
+alignment and KL(p‖π) against samples seen, and alignment against KL(π‖a). The output depends only
+on the run directories (sorted), so rerunning it regenerates the same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import yaml
+
+COLUMNS = [("kl_p_pi", "KL(p‖π)"), ("kl_pi_p", "KL(π‖p)"), ("js", "JS"), ("tv", "TV"), ("alignment", "alignment"),
+           ("kl_pi_a", "KL(π‖a)"), ("distinct_1", "Dist-1"), ("distinct_2", "Dist-2"), ("distinct_3", "Dist-3"),
+           ("self_bleu_3", "Self-BLEU-3"), ("entropy", "entropy")]
+DIV_ORDER = ["rkl", "fkl", "js", "tv", "alpha", "chi2"]
+
+
+def find_runs(paths: list[str]) -> list[Path]:
+    runs = set()
+    for p in paths:
+        root = Path(p)
+        if not root.exists():
+            raise FileNotFoundError(f"{root} does not exist")
+        runs.update(s.parent for s in root.rglob("summary.json"))
+    if not runs:
+        raise FileNotFoundError(f"no run directories (with summary.json) under {paths}")
+    return sorted(runs)
+
+
+def load_run(run: Path) -> dict:
+    summary = json.loads((run / "summary.json").read_text())
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"kind": "eval"' in line]
+    cfg_path = run / ".hydra" / "config.yaml"
+    cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.exists() else {}
+    return {"dir": run, "summary": summary, "evals": evals, "config": cfg}
+
+
+def _mean_se(values):
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "–"
+    if any(not math.isfinite(v) for v in vals):
+        return "∞" if all(v > 0 for v in vals if not math.isfinite(v)) else "nan"
+    m = sum(vals) / len(vals)
+    if len(vals) == 1:
+        return f"{m:.3f}"
+    se = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1) / len(vals))
+    return f"{m:.3f} ± {se:.3f}"
+
+
+def _settings(run) -> str:
+    t = run["config"].get("trainer", {})
+    s = run["summary"]
+    return (f"{s['steps']} steps × {t.get('samples_per_step', '?')} samples, lr {t.get('lr', '?')}, "
+            f"baseline {t.get('baseline', '?')}, {'LoRA' if s.get('lora') else 'full'}")
+
+
+def tables(runs: list[dict]) -> str:
+    by_task = defaultdict(lambda: defaultdict(list))
+    for r in runs:
+        by_task[r["summary"]["task"]][r["summary"]["divergence"]].append(r)
+    lines = []
+    for task in sorted(by_task):
+        divs = by_task[task]
+        lines += [f"## {task}", "", "| divergence | " + " | ".join(label for _, label in COLUMNS) + " | seeds | settings |",
+                  "|---|" + "---|" * (len(COLUMNS) + 2)]
+        all_runs = [r for d in divs.values() for r in d]
+        base = all_runs[0]["summary"]["base"]
+        lines.append("| base (untuned) | " + " | ".join(_mean_se([base.get(k)]) for k, _ in COLUMNS)
+                     + f" | – | step-0 evaluation of the runs below |")
+        for div in sorted(divs, key=lambda d: (DIV_ORDER.index(d) if d in DIV_ORDER else 99, d)):
+            rs = sorted(divs[div], key=lambda r: r["summary"]["seed"])
+            cells = [_mean_se([r["summary"]["final"].get(k) for r in rs]) for k, _ in COLUMNS]
+            seeds = ",".join(str(r["summary"]["seed"]) for r in rs)
+            settings = "; ".join(sorted({_settings(r) for r in rs}))
+            lines.append(f"| {div} | " + " | ".join(cells) + f" | {seeds} | {settings} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plots(runs: list[dict], out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    by_task = defaultdict(list)
+    for r in runs:
+        by_task[r["summary"]["task"]].append(r)
+    for task, rs in sorted(by_task.items()):
+        for key, ylabel in [("alignment", "alignment (eval)"), ("kl_p_pi", "KL(p‖π) estimate (eval)")]:
+            fig, ax = plt.subplots(figsize=(6, 4))
+            for div in sorted({r["summary"]["divergence"] for r in rs}, key=lambda d: DIV_ORDER.index(d) if d in DIV_ORDER else 99):
+                for i, r in enumerate(sorted([r for r in rs if r["summary"]["divergence"] == div], key=lambda r: r["summary"]["seed"])):
+                    pts = [(e["samples_seen"], e[key]) for e in r["evals"] if key in e and math.isfinite(e[key])]
+                    if pts:
+                        ax.plot(*zip(*pts), marker="o", label=div if i == 0 else None, color=f"C{DIV_ORDER.index(div) if div in DIV_ORDER else 9}")
+            ax.set_xlabel("samples seen")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{task}: {ylabel} during training")
+            ax.legend(title="divergence")
+            ax.grid(alpha=0.3)
+            path = out_dir / f"{task}_{key}_curve.png"
+            fig.tight_layout()
+            fig.savefig(path, dpi=100, metadata={"Software": None})
+            plt.close(fig)
+            written.append(path)
+        fig, ax = plt.subplots(figsize=(6, 4))
+        base = rs[0]["summary"]["base"]
+        ax.scatter([base.get("kl_pi_a", 0.0)], [base["alignment"]], marker="*", s=150, color="black", label="base")
+        for div in sorted({r["summary"]["divergence"] for r in rs}, key=lambda d: DIV_ORDER.index(d) if d in DIV_ORDER else 99):
+            pts = [(r["summary"]["final"]["kl_pi_a"], r["summary"]["final"]["alignment"]) for r in rs if r["summary"]["divergence"] == div]
+            ax.scatter(*zip(*pts), label=div, color=f"C{DIV_ORDER.index(div) if div in DIV_ORDER else 9}")
+        ax.set_xlabel("KL(π‖a) (nats)")
+        ax.set_ylabel("alignment")
+        ax.set_title(f"{task}: alignment vs KL to the base (final)")
+        ax.legend(title="divergence")
+        ax.grid(alpha=0.3)
+        path = out_dir / f"{task}_tradeoff.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=100, metadata={"Software": None})
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="fdiv-align-report", description=__doc__.split("\n\n")[0])
+    ap.add_argument("dirs", nargs="+", help="Hydra multirun directories (or any directories holding run dirs)")
+    ap.add_argument("--out", default=None, help="markdown file to write (default: print)")
+    ap.add_argument("--plots", default=None, help="directory for PNG plots")
+    ap.add_argument("--title", default="f-DPG results")
+    args = ap.parse_args(argv)
+    runs = [load_run(r) for r in find_runs(args.dirs)]
+    text = f"# {args.title}\n\nGenerated by `fdiv-align-report {' '.join(args.dirs)}` from {len(runs)} runs.\n\n" + tables(runs)
+    if args.plots:
+        paths = plots(runs, Path(args.plots))
+        import os
+
+        rel = [Path(os.path.relpath(p, Path(args.out).parent)) if args.out else p for p in paths]
+        text += "\n## Plots\n\n" + "\n".join(f"![{p.stem}]({p})" for p in rel) + "\n"
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    else:
+        print(text)
+
+
+if __name__ == "__main__":
+    main()
