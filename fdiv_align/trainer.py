@@ -518,13 +518,15 @@ class Trainer:
     def train(self) -> dict:
         tc = self.cfg.trainer
         t_start = time.perf_counter()
+        done = self.output_dir / "summary.json"
+        if tc.resume and done.exists():
+            previous = json.loads(done.read_text())
+            if previous.get("status") == "finished" and previous.get("steps") == tc.steps:
+                return previous  # a finished run (e.g. a resumed sweep): nothing to redo
         resumed = load_latest(self.output_dir / "checkpoints") if tc.resume else None
         fits = None
         if resumed is not None:
             step, state, path = resumed
-            done = self.output_dir / "summary.json"
-            if step >= tc.steps and done.exists() and json.loads(done.read_text()).get("steps") == step:
-                return json.loads(done.read_text())  # a finished run (e.g. a resumed sweep): nothing to redo
             self.load_state_dict(state)
             if self.logger is not None:
                 self.logger.truncate_after(self.step)

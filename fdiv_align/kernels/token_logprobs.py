@@ -247,9 +247,15 @@ class _WeightedSum(torch.autograd.Function):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         need_h, need_w, need_b, wdtype, bdtype = ctx.flags
         s = g_total.float()
-        return ((grad_h * s.to(grad_h.dtype)) if need_h else None,
-                (grad_w * s).to(wdtype) if need_w else None,
-                (grad_b * s).to(bdtype) if need_b else None, None, None, None, None, None)
+        # scale the stored gradients in place (no second [V, H] buffer); they are not used again
+        if need_h:
+            grad_h.mul_(s.to(grad_h.dtype))
+        if need_w:
+            grad_w = grad_w.mul_(s).to(wdtype)
+        if need_b:
+            grad_b = grad_b.mul_(s).to(bdtype)
+        return (grad_h if need_h else None, grad_w if need_w else None, grad_b if need_b else None,
+                None, None, None, None, None)
 
 
 def weighted_token_logprob_sum(hidden, weight, targets, token_weights, temperature: float = 1.0,
