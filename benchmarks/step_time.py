@@ -170,7 +170,7 @@ def main():
         for cell in sorted(res.glob(f"{v}-round*-k{args.steps_per_block}.json")):
             d = json.loads(cell.read_text())
             times += d["times"]
-            extra = d
+            extra = {**d, "profile": d.get("profile") or extra.get("profile")}
         rows[v] = (statistics.median(times), len(times), extra)
     write_report(rows, peaks, args)
 

@@ -117,6 +117,8 @@ class Trainer:
         self._offpolicy_acc = {"pi": [], "q": []}
         self.proposal_updates = 0
         self.autocast_dtype = None if tc.autocast == "none" else torch.bfloat16
+        if self.autocast_dtype is not None and self.use_lora:
+            self._store_frozen_in(self.autocast_dtype)
         self.logprob_fn = self._make_logprob_fn() if tc.fused_logprobs else None
         self.step = 0
         self.samples_seen = 0
@@ -185,6 +187,21 @@ class Trainer:
             if use_lora and hasattr(model, "enable_input_require_grads"):
                 model.enable_input_require_grads()
         return model, use_lora
+
+    def _store_frozen_in(self, dtype: torch.dtype) -> None:
+        """bf16 fast path with LoRA: keep the frozen base *linear* weights in bf16 (the dtype autocast
+        would cast them to on every call — autocast caches casts of trainable leaves only, so frozen
+        weights were re-cast at every sampling step). Trainable adapters stay fp32 (master weights);
+        embeddings, the output head and norms stay fp32, so logits and log-probs keep fp32 inputs."""
+        head = self.model.get_output_embeddings()
+        head_w = getattr(head, "weight", None)
+        for module in self.model.modules():
+            if isinstance(module, torch.nn.Linear) and module is not head and not module.weight.requires_grad:
+                if head_w is not None and module.weight is head_w:
+                    continue
+                module.weight.data = module.weight.data.to(dtype)
+                if module.bias is not None and not module.bias.requires_grad:
+                    module.bias.data = module.bias.data.to(dtype)
 
     def _make_optimizer(self):
         tc = self.cfg.trainer

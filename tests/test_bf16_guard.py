@@ -22,11 +22,13 @@ LIPSCHITZ = {"rkl": 1.0, "js": 0.5}
 
 
 @pytest.mark.parametrize("div", ["rkl", "js"])
-def test_bf16_matches_fp32_within_logprob_error(tmp_path, div):
+@pytest.mark.parametrize("lora", [False, True])  # LoRA: frozen base linears stored in bf16 on the fast path
+def test_bf16_matches_fp32_within_logprob_error(tmp_path, div, lora):
     out = {}
     batch = None
     for ac in ("none", "bfloat16"):
-        tr = Trainer(tiny_cfg(divergence={"name": div}, trainer={"autocast": ac}), lm=tiny_model(seed=5), output_dir=tmp_path / ac)
+        cfg = tiny_cfg(divergence={"name": div}, trainer={"autocast": ac}, model={"lora": lora, "lora_r": 4})
+        tr = Trainer(cfg, lm=tiny_model(seed=5), output_dir=tmp_path / ac)
         if batch is None:
             batch = sample(tr.model, tr.tokenizer, ["", "the cat"], 8, 8, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
