@@ -117,6 +117,22 @@ def test_cli_multirun_over_four_divergences(tmp_path):
         assert (run / ".hydra" / "config.yaml").exists()
         records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
         assert {r["kind"] for r in records} >= {"train", "eval"}
+    # the report command: one base row + one row per divergence, plots, byte-for-byte regeneration
+    from fdiv_align.report import main as report
+
+    out_md, plots = tmp_path / "report" / "table.md", tmp_path / "report" / "plots"
+    report([str(sweep), "--out", str(out_md), "--plots", str(plots)])
+    first = out_md.read_text()
+    rows = [l for l in first.splitlines() if l.startswith("| ")]
+    assert any(l.startswith("| base (untuned)") for l in rows)
+    for div in ("rkl", "fkl", "js", "tv"):
+        assert any(l.startswith(f"| {div} |") for l in rows), div
+    assert sorted(p.name for p in plots.glob("*.png")) == ["amazing_alignment_curve.png", "amazing_kl_p_pi_curve.png",
+                                                           "amazing_tradeoff.png"]
+    pngs = {p.name: p.read_bytes() for p in plots.glob("*.png")}
+    report([str(sweep), "--out", str(out_md), "--plots", str(plots)])
+    assert out_md.read_text() == first
+    assert {p.name: p.read_bytes() for p in plots.glob("*.png")} == pngs
 
 
 def test_lora_uses_base_with_adapters_disabled(tmp_path):
