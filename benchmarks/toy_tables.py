@@ -7,9 +7,12 @@ Toy model: fdiv_align.toy.ToyAR (V = 3 tokens, T = 4, 81 sequences); base a = To
   reward β=0.5  P = a·exp(r/β), r = number of token-1 occurrences
   reward β=2    the same reward, weaker target
   distributional P = a·exp(λφ), φ = number of token-0 occurrences, λ fitted so that E_p[φ] = 2.0
-Every divergence (rkl, fkl, js, tv) is trained on-policy with the same number of samples
-(steps × batch), leave-one-out baseline, Adam(lr), policy initialised at a, log Ẑ estimated from the
-samples (rkl on the pointwise target uses log_p_floor = −20). Every cell is exact (enumeration):
+The policy family is *misspecified*: i.i.d. tokens from one shared softmax (``ToyAR(unigram=True)``,
+started uniform), which cannot represent a or p. Each divergence therefore converges to a different
+projection of p onto the family (the regime where the divergences differ; a family that contains p
+lets every divergence reach p and the matrix degenerates into ties). Every divergence (rkl, fkl, js,
+tv) is trained on-policy with the same number of samples (steps × batch), leave-one-out baseline,
+Adam(lr), log Ẑ estimated from the samples (rkl on the pointwise target uses log_p_floor = −20). Every cell is exact (enumeration):
 final KL(p‖π), KL(π‖p), JS, TV, alignment (E_π[b] or E_π[r] or E_π[φ]), entropy H(π) and KL(π‖a);
 mean ± standard error over seeds. Partial results are saved per (target, divergence, seed) in
 --results, so an interrupted run resumes.
@@ -77,7 +80,7 @@ def fmt(values):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--results", default="benchmarks/results/toy_tables")
@@ -101,8 +104,9 @@ def main():
                     rows.append(json.loads(cell.read_text()))
                     continue
                 floor = -20.0 if (div == "rkl" and pname == "pointwise") else None
+                start = ToyAR(3, 4, seed=100 + seed, scale=0.0, unigram=True)  # uniform i.i.d. tokens
                 result = minimise(problem, div, steps=args.steps, batch_size=args.batch, lr=args.lr, seed=seed,
-                                  log_p_floor=floor, measure=())
+                                  log_p_floor=floor, measure=(), policy=start)
                 row = exact_metrics(problem, result["policy"], align)
                 cell.write_text(json.dumps(row))
                 rows.append(row)
@@ -115,7 +119,8 @@ def main():
              f"--lr {args.lr}` — {datetime.date.today().isoformat()}, {platform.machine()} CPU, {os.cpu_count()} cores, "
              f"{elapsed:.0f} s (cells cached in {args.results} are not re-run).", "",
              f"Rows: the divergence optimised ({args.steps} steps × {args.batch} samples = {args.steps * args.batch} samples, "
-             f"on-policy, leave-one-out baseline, Adam lr {args.lr}, seeds {args.seeds}); `base` is the untrained model a. "
+             f"on-policy, leave-one-out baseline, Adam lr {args.lr}, seeds {args.seeds}) over a misspecified family "
+             "(i.i.d. tokens, started uniform); `base` is the base model a itself (not in the family). "
              "Columns: exact values by enumeration of all 81 sequences, mean ± s.e. over seeds. Lower is better for the "
              "four divergences; **bold** marks the best trained row in each divergence column.", ""]
     for pname in probs:
@@ -137,6 +142,13 @@ def main():
     print("\n".join(lines))
 
 
+def _se(values):
+    if len(values) < 2 or not all(math.isfinite(v) for v in values):
+        return 0.0
+    m = sum(values) / len(values)
+    return (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5 / math.sqrt(len(values))
+
+
 def checks(table, probs) -> list[str]:
     """The expected orderings, each stated as holding or not."""
     mean = lambda p, d, k: sum(table[(p, d)][k]) / len(table[(p, d)][k])  # noqa: E731
@@ -148,8 +160,11 @@ def checks(table, probs) -> list[str]:
                 out.append(f"- {pname}: {LABEL[m]} is infinite for every policy with full support (p has zeros): no ordering.")
                 continue
             best = min(vals, key=vals.get)
-            ok = vals[m] <= min(vals.values()) + 1e-9
-            out.append(f"- {pname}: optimising `{m}` gives the lowest {LABEL[m]}: {'holds' if ok else f'does NOT hold (best: `{best}`)'} "
+            ses = {d: _se(table[(pname, d)][m]) for d in DIVS}
+            tol = 2 * (ses[m] + ses[best]) + 1e-6  # "best or tied": within two standard errors
+            ok = vals[m] <= vals[best] + tol
+            out.append(f"- {pname}: optimising `{m}` gives the lowest (or tied within 2 s.e.) {LABEL[m]}: "
+                       f"{'holds' if ok else f'does NOT hold (best: `{best}`)'} "
                        f"({', '.join(f'{d} {v:.4f}' for d, v in vals.items())})")
     p = "pointwise"
     align = {d: mean(p, d, "alignment") for d in DIVS}

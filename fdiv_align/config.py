@@ -37,7 +37,8 @@ class ModelConfig:
 class DivergenceConfig:
     name: str = "js"  # rkl | fkl | js | tv | alpha | chi2
     alpha: float = 0.5  # used by ``alpha`` only
-    #: floor on log P for divergences infinite where P = 0 (rkl, chi2, alpha ≥ 1); null = refuse such samples
+    #: for divergences infinite where P = 0 (rkl, chi2, alpha ≥ 1): floor on the scorers' log-score, so that
+    #: log P = log a + max(log Φ, floor) (the trainer optimises towards that p_ε); null = refuse P = 0 samples
     log_p_floor: Optional[float] = None
 
 

@@ -11,6 +11,7 @@ through :func:`fdiv_align.divergences.exact_divergence`) are computed by enumera
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from dataclasses import dataclass
@@ -28,12 +29,19 @@ class ToyAR(nn.Module):
     """Position-dependent bigram model: logits W[t, previous token] (BOS = index V)."""
 
     def __init__(self, vocab_size: int = 4, length: int = 5, seed: int = 0, scale: float = 1.0,
-                 dtype: torch.dtype = torch.float64):
+                 dtype: torch.dtype = torch.float64, unigram: bool = False):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.vocab_size = vocab_size
         self.length = length
-        self.logits = nn.Parameter(scale * torch.randn(length, vocab_size + 1, vocab_size, generator=g, dtype=dtype))
+        self.unigram = unigram  # a misspecified family: i.i.d. tokens, one shared logit vector
+        shape = (1, 1, vocab_size) if unigram else (length, vocab_size + 1, vocab_size)
+        self.logits = nn.Parameter(scale * torch.randn(*shape, generator=g, dtype=dtype))
+
+    def _table(self) -> torch.Tensor:
+        """[T, V+1, V] log π(x_t = · | t, x_{t−1})."""
+        logp = torch.log_softmax(self.logits, dim=-1)
+        return logp.expand(self.length, self.vocab_size + 1, self.vocab_size) if self.unigram else logp
 
     def all_sequences(self) -> torch.Tensor:
         """Every sequence, [V^T, T] (lexicographic order)."""
@@ -42,7 +50,7 @@ class ToyAR(nn.Module):
     def token_log_probs(self, x: torch.Tensor) -> torch.Tensor:
         """[N, T] log π(x_t | x_<t)."""
         prev = torch.cat([torch.full_like(x[:, :1], self.vocab_size), x[:, :-1]], dim=1)
-        logp = torch.log_softmax(self.logits, dim=-1)  # [T, V+1, V]
+        logp = self._table()  # [T, V+1, V]
         pos = torch.arange(self.length).expand_as(x)
         return logp[pos, prev, x]
 
@@ -56,7 +64,7 @@ class ToyAR(nn.Module):
         x = torch.empty(n, self.length, dtype=torch.long)
         logq = torch.zeros(n, dtype=self.logits.dtype)
         prev = torch.full((n,), self.vocab_size, dtype=torch.long)
-        logp_all = torch.log_softmax(self.logits, dim=-1)
+        logp_all = self._table()
         for t in range(self.length):
             lp = logp_all[t, prev]
             tok = torch.multinomial(lp.exp(), 1, generator=generator).squeeze(1)
@@ -132,6 +140,8 @@ def minimise(problem: ToyProblem, divergence, steps: int = 200, batch_size: int 
         policy = ToyAR(problem.base.vocab_size, problem.base.length)
         with torch.no_grad():
             policy.logits.copy_(problem.base.logits)
+    else:
+        policy = copy.deepcopy(policy)
     loss_fn = FDivergenceLoss(divergence, baseline=baseline, log_p_floor=log_p_floor)
     opt = torch.optim.Adam(policy.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)

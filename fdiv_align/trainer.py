@@ -106,8 +106,8 @@ class Trainer:
         self.sampling = SamplingConfig(tc.temperature, tc.top_k, tc.top_p)
         self.divergence = get_divergence(cfg.divergence.name, **({"alpha": cfg.divergence.alpha} if cfg.divergence.name == "alpha" else {}))
         baseline_kwargs = {"momentum": tc.baseline_momentum} if tc.baseline == "moving_average" else {}
-        self.loss_fn = FDivergenceLoss(self.divergence, tc.baseline, cfg.divergence.log_p_floor,
-                                       num_contexts=len(self.contexts), **baseline_kwargs)
+        # the floor (if any) is applied to log Φ before the loss (see _floored_log_P), not to log P
+        self.loss_fn = FDivergenceLoss(self.divergence, tc.baseline, None, num_contexts=len(self.contexts), **baseline_kwargs)
         self.optimizer = self._make_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
         self.generator = torch.Generator().manual_seed(tc.seed)
@@ -269,6 +269,16 @@ class Trainer:
         with self._autocast():
             return score(self.model, batch, self.sampling, pad_id=self.tokenizer.pad_token_id, logprob_fn=self.logprob_fn)[1].float()
 
+    def _floored_log_P(self, scores) -> torch.Tensor:
+        """log P for the loss. With ``divergence.log_p_floor`` set, the floor applies to the scorers'
+        log-score relative to the base: log P = log a + max(log Φ, floor), i.e. P ≥ e^floor·a(x) — the
+        surrogate target p_ε the trainer then optimises (an absolute floor on log P would rank a
+        violating sequence above a satisfying one whenever log a < floor, as it is for most texts)."""
+        floor = self.cfg.divergence.log_p_floor
+        if floor is None:
+            return scores.log_P
+        return scores.log_a + scores.log_phi.clamp_min(float(floor))
+
     def policy_loss(self, batch: Batch, coefficients: torch.Tensor, n_total: int) -> torch.Tensor:
         """The surrogate −Σ_i coefficient_i · log πθ(x_i) / N for (a micro-batch of) the step's samples."""
         with self._autocast():
@@ -348,6 +358,7 @@ class Trainer:
         t_sample = time.perf_counter()
         log_a = self.base_logprobs(batch)
         scores = self.target.log_scores(batch, log_a)
+        scores_log_P = self._floored_log_P(scores)
         alignment = self.target.alignment(batch).double()
         log_q = batch.logq.double()
         t_score = time.perf_counter()
@@ -360,7 +371,7 @@ class Trainer:
             with torch.no_grad():
                 log_pi = torch.cat([self.policy_logprobs(batch.select(m)).double().cpu() for m in micro])
 
-        g_log_pi, g_log_q, g_log_P = self._gather(log_pi), self._gather(log_q), self._gather(scores.log_P)
+        g_log_pi, g_log_q, g_log_P = self._gather(log_pi), self._gather(log_q), self._gather(scores_log_P)
         g_ctx, g_log_a, g_align = self._gather(batch.context_index), self._gather(log_a), self._gather(alignment)
         out = self.loss_fn(g_log_pi, g_log_q, g_log_P, g_ctx)
         coef = out.coefficients[sl].to(torch.float32)
@@ -446,7 +457,7 @@ class Trainer:
             la = self.base_logprobs(b)
             batches.append(b)
             log_a.append(la)
-            log_P.append(self.target.log_scores(b, la).log_P)
+            log_P.append(self._floored_log_P(self.target.log_scores(b, la)))
             align.append(self.target.alignment(b).double())
         log_pi = self._gather(torch.cat([b.logq.double() for b in batches]))
         log_a, log_P, align = self._gather(torch.cat(log_a)), self._gather(torch.cat(log_P)), self._gather(torch.cat(align))
