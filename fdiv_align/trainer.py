@@ -391,7 +391,9 @@ class Trainer:
 
         log_z, known = self.loss_fn.log_z.log_z(g_ctx)
         est = estimate_divergences(g_log_pi, g_log_q, g_log_P, torch.where(known, log_z, torch.zeros_like(log_z)),
-                                   base_logprobs=g_log_a, alignment_scores=g_align) if known.any() else {}
+                                   base_logprobs=g_log_a, alignment_scores=g_align)
+        if not known.all():  # the estimates that involve p need every sample's Z
+            est = {k: v for k, v in est.items() if k in ("kl_pi_a", "alignment")}
         record = {
             "kind": "train",
             "loss": float(-(out.coefficients * g_log_pi).mean()),

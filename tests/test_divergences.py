@@ -7,13 +7,13 @@ import torch
 
 from fdiv_align import available_divergences, exact_divergence, get_divergence
 
-torch.set_default_dtype(torch.float64)
+F64 = torch.float64  # explicit everywhere: no global default-dtype change leaking into other tests
 
 
 def random_dists(seed, n=50, zeros_in_p=False):
     g = torch.Generator().manual_seed(seed)
-    pi = torch.softmax(2 * torch.randn(n, generator=g), 0)
-    p = torch.softmax(2 * torch.randn(n, generator=g), 0)
+    pi = torch.softmax(2 * torch.randn(n, generator=g, dtype=F64), 0)
+    p = torch.softmax(2 * torch.randn(n, generator=g, dtype=F64), 0)
     if zeros_in_p:
         p[: n // 5] = 0
         p = p / p.sum()
@@ -72,13 +72,13 @@ def test_targets_with_zeros_infinite_divergences(name):
                                          ("alpha", {"alpha": 0.0}), ("alpha", {"alpha": 1.0})])
 def test_f_prime_is_derivative_of_f(name, kwargs):
     div = get_divergence(name, **kwargs)
-    log_t = torch.linspace(-6, 6, 101)
+    log_t = torch.linspace(-6, 6, 101, dtype=F64)
     log_t = log_t[log_t.abs() > 1e-3]  # TV's kink at t = 1
     t = log_t.exp().requires_grad_(True)
     (grad,) = torch.autograd.grad(div.f(t.log()).sum(), t)
     assert torch.allclose(div.f_prime(log_t), grad, rtol=1e-9, atol=1e-10)
     assert torch.allclose(div.pseudo_reward(log_t), -grad, rtol=1e-9, atol=1e-10)
-    assert abs(float(div.f(torch.zeros(1)))) < 1e-15  # f(1) = 0
+    assert abs(float(div.f(torch.zeros(1, dtype=F64)))) < 1e-15  # f(1) = 0
 
 
 @pytest.mark.parametrize("limit,name", [(0.0, "fkl"), (1.0, "rkl")])
@@ -93,7 +93,7 @@ def test_alpha_limits_match_kl(limit, name):
     exact_limit = float(exact_divergence(get_divergence("alpha", alpha=limit), pi.log(), p.log()))
     assert abs(exact_limit - kl) < 1e-12
     # the gradient direction also matches: f′ differs from the KL's by a constant at most
-    log_t = torch.linspace(-3, 3, 13)
+    log_t = torch.linspace(-3, 3, 13, dtype=F64)
     diff = get_divergence("alpha", alpha=limit).f_prime(log_t) - get_divergence(name).f_prime(log_t)
     if name == "rkl":
         assert torch.allclose(diff, torch.full_like(diff, -1.0))
@@ -103,7 +103,7 @@ def test_alpha_limits_match_kl(limit, name):
 
 def test_pseudo_rewards_table():
     """The pseudo-rewards of DESIGN §3 written in terms of π and p."""
-    pi, p = torch.tensor([0.2, 0.5, 0.01]), torch.tensor([0.4, 0.1, 0.3])
+    pi, p = torch.tensor([0.2, 0.5, 0.01], dtype=F64), torch.tensor([0.4, 0.1, 0.3], dtype=F64)
     lt = (pi / p).log()
     assert torch.allclose(get_divergence("fkl").pseudo_reward(lt), p / pi)
     assert torch.allclose(get_divergence("rkl").pseudo_reward(lt), (p / pi).log() - 1)
@@ -125,7 +125,7 @@ def test_registry_errors():
 
 
 def test_extreme_log_ratios_no_nan():
-    log_t = torch.tensor([-1e4, -50.0, 0.0, 50.0, 1e4, math.inf])
+    log_t = torch.tensor([-1e4, -50.0, 0.0, 50.0, 1e4, math.inf], dtype=F64)
     for name, kw in [("fkl", {}), ("rkl", {}), ("js", {}), ("tv", {}), ("chi2", {}), ("alpha", {"alpha": 0.5})]:
         r = get_divergence(name, **kw).pseudo_reward(log_t)
         assert not torch.isnan(r).any(), (name, r)

@@ -63,11 +63,12 @@ def test_sampling_distribution_matches_recorded_logq(lm):
 
 
 def test_top_p_keeps_smallest_set_reaching_mass():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]], dtype=torch.float32))
     lp = transformed_logprobs(logits, SamplingConfig(top_p=0.8))
-    assert torch.isinf(lp[0, 2:]).all() and torch.allclose(lp[0, :2].exp(), torch.tensor([0.625, 0.375]))
+    assert lp.dtype == torch.float32
+    assert torch.isinf(lp[0, 2:]).all() and torch.allclose(lp[0, :2].exp(), torch.tensor([0.625, 0.375], dtype=torch.float32))
     lp = transformed_logprobs(logits, SamplingConfig(top_k=3))
-    assert torch.isinf(lp[0, 3]) and torch.allclose(lp[0, :3].exp().sum(), torch.tensor(1.0))
+    assert torch.isinf(lp[0, 3]) and torch.allclose(lp[0, :3].exp().sum(), torch.tensor(1.0, dtype=torch.float32))
 
 
 def test_bad_inputs(lm):
