@@ -90,6 +90,21 @@ def tables(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _finish(fig, ax, xlabel, ylabel, title, path: Path) -> Path:
+    """Label, save (no timestamp metadata: reruns give the same bytes) and close one figure."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(title="divergence")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    return path
+
+
 def plots(runs: list[dict], out_dir: Path) -> list[Path]:
     import matplotlib
 
@@ -109,32 +124,16 @@ def plots(runs: list[dict], out_dir: Path) -> list[Path]:
                     pts = [(e["samples_seen"], e[key]) for e in r["evals"] if key in e and math.isfinite(e[key])]
                     if pts:
                         ax.plot(*zip(*pts), marker="o", label=div if i == 0 else None, color=f"C{DIV_ORDER.index(div) if div in DIV_ORDER else 9}")
-            ax.set_xlabel("samples seen")
-            ax.set_ylabel(ylabel)
-            ax.set_title(f"{task}: {ylabel} during training")
-            ax.legend(title="divergence")
-            ax.grid(alpha=0.3)
-            path = out_dir / f"{task}_{key}_curve.png"
-            fig.tight_layout()
-            fig.savefig(path, dpi=100, metadata={"Software": None})
-            plt.close(fig)
-            written.append(path)
+            written.append(_finish(fig, ax, "samples seen", ylabel, f"{task}: {ylabel} during training",
+                                   out_dir / f"{task}_{key}_curve.png"))
         fig, ax = plt.subplots(figsize=(6, 4))
         base = rs[0]["summary"]["base"]
         ax.scatter([base.get("kl_pi_a", 0.0)], [base["alignment"]], marker="*", s=150, color="black", label="base")
         for div in sorted({r["summary"]["divergence"] for r in rs}, key=lambda d: DIV_ORDER.index(d) if d in DIV_ORDER else 99):
             pts = [(r["summary"]["final"]["kl_pi_a"], r["summary"]["final"]["alignment"]) for r in rs if r["summary"]["divergence"] == div]
             ax.scatter(*zip(*pts), label=div, color=f"C{DIV_ORDER.index(div) if div in DIV_ORDER else 9}")
-        ax.set_xlabel("KL(π‖a) (nats)")
-        ax.set_ylabel("alignment")
-        ax.set_title(f"{task}: alignment vs KL to the base (final)")
-        ax.legend(title="divergence")
-        ax.grid(alpha=0.3)
-        path = out_dir / f"{task}_tradeoff.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=100, metadata={"Software": None})
-        plt.close(fig)
-        written.append(path)
+        written.append(_finish(fig, ax, "KL(π‖a) (nats)", "alignment", f"{task}: alignment vs KL to the base (final)",
+                               out_dir / f"{task}_tradeoff.png"))
     return written
 
 

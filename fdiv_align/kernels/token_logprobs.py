@@ -111,6 +111,14 @@ def _logits(h, w_in, b, inv_temp):
     return z
 
 
+def _grad_buffers(hidden, weight, need_h: bool, need_w: bool, need_b: bool):
+    """grad_h (input dtype), grad_w and grad_b (fp32 accumulators), or None where not needed."""
+    grad_h = torch.empty_like(hidden) if need_h else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+    return grad_h, grad_w, grad_b
+
+
 def _accumulate(dz, h, w_in, grad_h, grad_w, grad_b, sl, inv_temp):
     if inv_temp != 1.0:
         dz = dz * inv_temp
@@ -157,9 +165,7 @@ class _TokenLogprobs(torch.autograd.Function):
         g_ent = g_ent.float() if want_e else g_lp.new_zeros(0)
         dfn = _get(_chunk_dz, ctx.compile)
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        grad_h, grad_w, grad_b = _grad_buffers(hidden, weight, need_h, need_w, need_b)
         w_in = weight.to(hidden.dtype)
         for s in range(0, n, ctx.chunk_size):
             sl = slice(s, s + ctx.chunk_size)
@@ -222,9 +228,7 @@ class _WeightedSum(torch.autograd.Function):
         fused = _get(_chunk_lp_and_dz, compile)
         need_h, need_w = hidden.requires_grad, weight.requires_grad
         need_b = bias is not None and bias.requires_grad
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        grad_h, grad_w, grad_b = _grad_buffers(hidden, weight, need_h, need_w, need_b)
         wts = token_weights.float()
         w_in = weight.to(hidden.dtype)
         lps = []
