@@ -8,6 +8,7 @@ divergence=rkl,fkl,js,tv`` sweeps, one Hydra output directory per run holding it
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -39,8 +40,11 @@ def _run(cfg) -> dict:
               f"(base) -> {final.get('alignment', float('nan')):.4f}; KL(pi||a) {final.get('kl_pi_a', float('nan')):.3f}; "
               f"{summary['wall_seconds_this_run']:.0f}s; run dir {out}")
     else:
-        print(f"[fdiv-align] interrupted at step {summary['step']}; checkpoint saved in {out}/checkpoints — rerun with "
-              f"output_dir={out} to resume")
+        print(f"[fdiv-align] interrupted at step {summary['step']}; checkpoint saved in {out}/checkpoints — rerun the "
+              f"same command (or output_dir={out}) to resume", flush=True)
+        # end the process with the signal's default action, so that a multirun sweep stops too
+        signal.signal(summary["signal"], signal.SIG_DFL)
+        os.kill(os.getpid(), summary["signal"])
     return summary
 
 
