@@ -359,7 +359,7 @@ class Trainer:
         log_a = self.base_logprobs(batch)
         scores = self.target.log_scores(batch, log_a)
         scores_log_P = self._floored_log_P(scores)
-        alignment = self.target.alignment(batch).double()
+        alignment = scores.alignment
         log_q = batch.logq.double()
         t_score = time.perf_counter()
 
@@ -459,8 +459,9 @@ class Trainer:
             la = self.base_logprobs(b)
             batches.append(b)
             log_a.append(la)
-            log_P.append(self._floored_log_P(self.target.log_scores(b, la)))
-            align.append(self.target.alignment(b).double())
+            scores = self.target.log_scores(b, la)
+            log_P.append(self._floored_log_P(scores))
+            align.append(scores.alignment)
         log_pi = self._gather(torch.cat([b.logq.double() for b in batches]))
         log_a, log_P, align = self._gather(torch.cat(log_a)), self._gather(torch.cat(log_P)), self._gather(torch.cat(align))
         texts = self._gather_list([t for b in batches for t in b.texts])

@@ -86,6 +86,10 @@ def test_target_algebra_adds_log_scores():
     fin = torch.isfinite(expected)
     assert torch.allclose(scores.log_P[fin], expected[fin])
     assert torch.allclose(scores.log_a, base.logprobs(batch))
+    assert torch.equal(scores.alignment, target.alignment(batch).double())  # from the log-scores, no second pass
+    # the same factor twice counts twice (components keep both)
+    twice = base * s2 * s2
+    assert torch.allclose(twice.log_scores(batch).log_phi, 2 * s2.log_scores(batch.texts))
 
 
 def _toy_feats(x):

@@ -39,6 +39,11 @@ class Scorer:
         """The per-sample quantity reported as alignment (b, r or φ); default: exp(log-score)."""
         return torch.exp(self.log_scores(texts, contexts))
 
+    def alignment_from_log_scores(self, log_scores: torch.Tensor, texts, contexts) -> torch.Tensor:
+        """Alignment given this scorer's already computed log-scores (no second scoring pass where the
+        alignment is a function of them; recomputed otherwise)."""
+        return self.alignment(texts, contexts)
+
     def log_scores(self, texts: Sequence[str], contexts: Sequence[str] | None = None) -> torch.Tensor:
         texts = list(texts)
         contexts = [""] * len(texts) if contexts is None else list(contexts)
@@ -83,7 +88,12 @@ class ProductScorer(Scorer):
         return sum(s.log_scores(texts, contexts) for s in self.scorers)
 
     def components(self, texts, contexts) -> dict[str, torch.Tensor]:
-        return {s.name: s.log_scores(texts, contexts) for s in self.scorers}
+        """Each factor's log-scores, in order; a repeated name gets a ``#k`` suffix (no factor is lost)."""
+        out: dict[str, torch.Tensor] = {}
+        for s in self.scorers:
+            key = s.name if s.name not in out else f"{s.name}#{len(out)}"
+            out[key] = s.log_scores(texts, contexts)
+        return out
 
 
 # ----------------------------------------------------------------------------- boolean
@@ -110,6 +120,9 @@ class BooleanScorer(Scorer):
 
     def alignment(self, texts, contexts):
         return torch.exp(self.log_scores(texts, contexts))
+
+    def alignment_from_log_scores(self, log_scores, texts, contexts):
+        return torch.exp(log_scores)
 
 
 class AnyWord(BooleanScorer):
@@ -189,6 +202,9 @@ class RewardScorer(Scorer):
 
     def alignment(self, texts, contexts):
         return self.rewards(texts, contexts)
+
+    def alignment_from_log_scores(self, log_scores, texts, contexts):
+        return log_scores * self.beta  # r = β · (r/β)
 
 
 class VaderSentiment(RewardScorer):

@@ -41,6 +41,8 @@ class TargetScores:
     log_phi: torch.Tensor  # [N] Σ scorer log-scores
     components: dict  # scorer name → [N] log-scores
 
+    alignment: torch.Tensor | None = None  # [N] the first scorer's alignment quantity (b, r or φ)
+
     @property
     def log_P(self) -> torch.Tensor:
         return self.log_a + self.log_phi
@@ -72,7 +74,9 @@ class Target:
         contexts = batch.context_texts
         comps = self.scorer.components(batch.texts, contexts)
         log_phi = torch.stack(list(comps.values())).sum(0) if comps else torch.zeros(len(batch), dtype=torch.float64)
-        return TargetScores(log_a, log_phi, comps)
+        first = self.scorers[0]
+        alignment = first.alignment_from_log_scores(next(iter(comps.values())), batch.texts, contexts).double()
+        return TargetScores(log_a, log_phi, comps, alignment)
 
     def alignment(self, batch: Batch) -> torch.Tensor:
         """The first scorer's alignment quantity (b, r or φ) per sample."""
