@@ -145,7 +145,6 @@ def main():
     variants = args.variants.split(",")
     peaks = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
     print(f"matmul peak (2048² GEMM): bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s, fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s")
-    meta = {}
     for rnd in range(args.rounds):
         for v in variants:
             cell = res / f"{v}-round{rnd}-k{args.steps_per_block}.json"

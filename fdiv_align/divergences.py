@@ -25,7 +25,6 @@ divergences (``rkl``, ``chi2``, ``alpha`` with α ≥ 1) need a floor on log P (
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable
 
 import torch

@@ -21,14 +21,13 @@ overflows (|log ratios| beyond ~700) the call raises instead of letting ±∞/Na
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .divergences import Divergence, get_divergence
-from .estimators import Baseline, LogZAccumulator, NoBaseline, effective_sample_size, get_baseline
+from .estimators import Baseline, LogZAccumulator, effective_sample_size, get_baseline
 
 __all__ = ["FDPGLossOutput", "f_dpg_loss", "FDivergenceLoss"]
 

@@ -79,7 +79,7 @@ def tables(runs: list[dict]) -> str:
         all_runs = [r for d in divs.values() for r in d]
         base = all_runs[0]["summary"]["base"]
         lines.append("| base (untuned) | " + " | ".join(_mean_se([base.get(k)]) for k, _ in COLUMNS)
-                     + f" | – | step-0 evaluation of the runs below |")
+                     + " | – | step-0 evaluation of the runs below |")
         for div in sorted(divs, key=lambda d: (DIV_ORDER.index(d) if d in DIV_ORDER else 99, d)):
             rs = sorted(divs[div], key=lambda r: r["summary"]["seed"])
             cells = [_mean_se([r["summary"]["final"].get(k) for r in rs]) for k, _ in COLUMNS]

@@ -337,12 +337,10 @@ def weighted_logprob_sum(model, batch: Batch, sequence_weights: torch.Tensor, co
     if not fused:
         _, seq = score(model, batch, config, pad_id=pad_id)
         return (w * seq).sum(), seq.detach()
-    from .kernels import plain_linear_head, weighted_token_logprob_sum
+    from .kernels import fused_head_weights, weighted_token_logprob_sum
 
-    if config.top_k or config.top_p < 1.0:
-        raise ValueError("the fused log-prob kernel supports temperature only, not top-k/top-p: set trainer.fused_logprobs=false")
     h, head = _continuation_hidden(model, batch, "left", pad_id)
-    weight, bias = plain_linear_head(head)
+    weight, bias = fused_head_weights(head, config)
     token_w = torch.where(m, w[:, None].expand_as(m), torch.zeros((), device=device))
     with torch.autocast(device.type, enabled=False):  # fp32 head, like head_logits
         total, tok_lp = weighted_token_logprob_sum(h.float(), weight.float() if weight.dtype != torch.float32 else weight,

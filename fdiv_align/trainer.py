@@ -443,7 +443,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate(self) -> tuple[dict, Batch]:
+    def evaluate(self) -> tuple[dict, dict]:
         """Fixed evaluation sample: the same uniforms and contexts every time (seed ``eval_seed``),
         drawn from the current policy; IS estimates with q = π and the current Ẑ."""
         tc = self.cfg.trainer
@@ -477,11 +477,7 @@ class Trainer:
             est = estimate_divergences(log_pi, log_pi, log_P, log_z)
             for key in ("kl_p_pi", "kl_pi_p", "js", "tv"):
                 record[key] = est[key].value
-        merged = Batch(ctx, self.contexts, batches[0].prompt_ids[:0], batches[0].prompt_mask[:0], batches[0].tokens[:0],
-                       batches[0].mask[:0], None, texts)
-        merged.alignment_values = align.tolist()
-        merged.context_list = contexts
-        return record, merged
+        return record, {"texts": texts, "contexts": contexts, "alignment": align.tolist()}
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -539,11 +535,11 @@ class Trainer:
             self.logger.log(self.step, record)
 
     def _eval_and_log(self, bar=None):
-        record, merged = self.evaluate()
+        record, samples = self.evaluate()
         self._log(record)
         if self.logger is not None and self.cfg.logger.log_samples:
             k = self.cfg.logger.log_samples
-            self.logger.log_samples(self.step, merged.texts[:k], merged.context_list[:k], merged.alignment_values[:k])
+            self.logger.log_samples(self.step, samples["texts"][:k], samples["contexts"][:k], samples["alignment"][:k])
         return record
 
     def train(self) -> dict:

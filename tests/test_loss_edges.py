@@ -1,7 +1,6 @@
 """Edge cases of f_dpg_loss and FDivergenceLoss: P = 0, extreme log-ratios, N = 1, empty, bad input."""
 
 import math
-import warnings
 
 import pytest
 import torch

@@ -1,6 +1,5 @@
 """RLHF equivalence of `rkl`, and plain minimisation loops on the toy model."""
 
-import math
 
 import pytest
 import torch

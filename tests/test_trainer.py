@@ -12,7 +12,6 @@ import torch
 
 from fdiv_align.checkpoint import load_latest, save_checkpoint
 from fdiv_align.config import from_dict
-from fdiv_align.kernels import compile_count
 from fdiv_align.models import tiny_model
 from fdiv_align.toy import enumerable_lm, enumeration_batch, exact_trainer_divergences
 from fdiv_align.trainer import Trainer

@@ -8,7 +8,7 @@ from .token_logprobs import (compile_count, default_chunk_size, reference_token_
                              weighted_token_logprob_sum)
 
 __all__ = ["token_logprobs", "reference_token_logprobs", "weighted_token_logprob_sum", "default_chunk_size",
-           "compile_count", "head_logprob_fn", "plain_linear_head"]
+           "compile_count", "head_logprob_fn", "plain_linear_head", "fused_head_weights"]
 
 
 def plain_linear_head(head) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -21,6 +21,14 @@ def plain_linear_head(head) -> tuple[torch.Tensor, torch.Tensor | None]:
     return head.weight, head.bias
 
 
+def fused_head_weights(head, config) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) for the fused kernel, or an error naming why it cannot serve this head/config."""
+    if config.top_k or config.top_p < 1.0:
+        raise ValueError("the fused log-prob kernel supports temperature only, not top-k/top-p: set "
+                         "trainer.fused_logprobs=false")
+    return plain_linear_head(head)
+
+
 def head_logprob_fn(allow_fallback: bool = False, compile: bool = True):
     """A ``logprob_fn(hidden [B,T,H], head, targets [B,T], config) -> [B,T]`` for
     :func:`fdiv_align.sampling.score`: the fused kernel, with the sampler's temperature. Top-k/top-p
@@ -28,17 +36,15 @@ def head_logprob_fn(allow_fallback: bool = False, compile: bool = True):
     from ..sampling import transformed_logprobs
 
     def fn(hidden, head, targets, config):
-        if config.top_k or config.top_p < 1.0 or type(head) is not torch.nn.Linear:
+        try:
+            weight, bias = fused_head_weights(head, config)
+        except (TypeError, ValueError):
             if not allow_fallback:
-                if type(head) is not torch.nn.Linear:
-                    plain_linear_head(head)
-                raise ValueError("fused log-prob kernel supports temperature only, not top-k/top-p: set "
-                                 "trainer.fused_logprobs=false")
+                raise
             from ..sampling import head_logits
 
             logp = transformed_logprobs(head_logits(head, hidden), config)
             return logp.gather(-1, targets[..., None]).squeeze(-1)
-        weight, bias = plain_linear_head(head)
         with torch.autocast(hidden.device.type, enabled=False):  # fp32 head, like head_logits
             return token_logprobs(hidden.float(), weight.float(), targets, temperature=config.temperature,
                                   bias=None if bias is None else bias.float(), compile=compile)

@@ -27,7 +27,6 @@ scalar in backward.
 
 from __future__ import annotations
 
-import math
 
 import torch
 

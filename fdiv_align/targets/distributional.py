@@ -9,7 +9,6 @@ a clear error (per-feature range check first, then non-convergence of a divergen
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 

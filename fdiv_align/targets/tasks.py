@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-import torch
 
 from .distributional import DistributionalConstraint
 from .scorers import AnyWord, CompilesAsPython, Scorer, VaderSentiment, WordPresent
