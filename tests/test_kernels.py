@@ -1,16 +1,18 @@
 """Fused token log-prob kernel against an fp64 reference: values, entropy, every gradient."""
 
+import importlib
+
 import pytest
 import torch
 
 from fdiv_align.kernels import reference_token_logprobs, token_logprobs, weighted_token_logprob_sum
 from fdiv_align.sampling import SamplingConfig, transformed_logprobs
 
-SHAPES = [  # (N, H, V, chunk): N not a multiple of the chunk, odd V, N = 1, single chunk
-    (37, 16, 101, 8),
-    (1, 8, 50, 4),
-    (64, 32, 1000, None),
-    (129, 24, 257, 64),
+SHAPES = [  # (N, H, V, chunk, vocab tile): N not a multiple of the chunk, V not a multiple of the tile, N = 1, single chunk/tile
+    (37, 16, 101, 8, 32),
+    (1, 8, 50, 4, None),
+    (64, 32, 1000, None, None),
+    (129, 24, 257, 64, 100),
 ]
 
 
@@ -31,8 +33,13 @@ def grads_of(fn, h, w, b, y, gl, ge, dtype, temperature):
     return lp.detach().double(), ent.detach().double(), [None if t is None else t.grad.double() for t in leaves]
 
 
-def ours(compile, chunk):
-    return lambda h, w, y, T, b: token_logprobs(h, w, y, T, chunk, True, b, compile=compile)
+def ours(compile, chunk, tile=None, budget=0):
+    return lambda h, w, y, T, b: token_logprobs(h, w, y, T, chunk, True, b, compile=compile, vocab_tile=tile,
+                                                saved_logits_budget=budget)
+
+
+# kept forward logits: none (all recomputed in vocabulary tiles), the last 13 tokens, all (the default budget)
+BUDGETS = {"recompute": lambda V: 0, "keep13": lambda V: 13 * V, "default": lambda V: 1 << 26}
 
 
 def ref(h, w, y, T, b):
@@ -42,23 +49,25 @@ def ref(h, w, y, T, b):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("compile", [False, True])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_fp32_matches_fp64_reference(shape, compile, temperature):
-    N, H, V, chunk = shape
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_fp32_matches_fp64_reference(shape, compile, temperature, budget):
+    N, H, V, chunk, tile = shape
     h, w, b, y, gl, ge = make(N, H, V, seed=N + V)
     r_lp, r_ent, r_grads = grads_of(ref, h, w, b, y, gl, ge, torch.float64, temperature)
-    lp, ent, grads = grads_of(ours(compile, chunk), h, w, b, y, gl, ge, torch.float32, temperature)
+    lp, ent, grads = grads_of(ours(compile, chunk, tile, BUDGETS[budget](V)), h, w, b, y, gl, ge, torch.float32, temperature)
     for got, want, name in [(lp, r_lp, "logprob"), (ent, r_ent, "entropy")] + list(zip(grads, r_grads, ["hidden", "weight", "bias"])):
         assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (name, float((got - want).abs().max()))
 
 
 @pytest.mark.parametrize("shape", SHAPES[:3], ids=str)
-def test_bf16_no_worse_than_naive_bf16(shape):
+@pytest.mark.parametrize("budget", ["recompute", "keep13"])
+def test_bf16_no_worse_than_naive_bf16(shape, budget):
     """Cut Cross-Entropy criterion: error of our bf16 result vs fp64 ≤ error of the naive bf16 computation + 1e-2·scale."""
-    N, H, V, chunk = shape
+    N, H, V, chunk, tile = shape
     h, w, b, y, gl, ge = make(N, H, V, seed=1, bias=False)
     r_lp, r_ent, r_grads = grads_of(ref, h, w, b, y, gl, ge, torch.float64, 1.0)
     n_lp, n_ent, n_grads = grads_of(ref, h, w, b, y, gl, ge, torch.bfloat16, 1.0)
-    lp, ent, grads = grads_of(ours(True, chunk), h, w, b, y, gl, ge, torch.bfloat16, 1.0)
+    lp, ent, grads = grads_of(ours(True, chunk, tile, BUDGETS[budget](V)), h, w, b, y, gl, ge, torch.bfloat16, 1.0)
     for got, naive, want, name in [(lp, n_lp, r_lp, "logprob"), (ent, n_ent, r_ent, "entropy"),
                                    (grads[0], n_grads[0], r_grads[0], "hidden"), (grads[1], n_grads[1], r_grads[1], "weight")]:
         err, naive_err = (got - want).abs().max(), (naive - want).abs().max()
@@ -81,6 +90,46 @@ def test_leading_dims_and_errors():
         token_logprobs(h, w, y, temperature=0.0)
     with pytest.raises(ValueError, match="targets"):
         token_logprobs(h, w, y[:5])
+
+
+def test_backward_in_several_token_blocks(monkeypatch):
+    """Above BACKWARD_ROW_BLOCK tokens the backward runs block by block (grad_W, grad_b summed over
+    blocks): same values as the fp64 reference with a block of 16 tokens and a ragged last block."""
+    impl = importlib.import_module("fdiv_align.kernels.token_logprobs")  # the module, not the function
+
+    monkeypatch.setattr(impl, "BACKWARD_ROW_BLOCK", 16)
+    h, w, b, y, gl, ge = make(53, 12, 90, seed=6)
+    r_lp, r_ent, r_grads = grads_of(ref, h, w, b, y, gl, ge, torch.float64, 0.9)
+    lp, ent, grads = grads_of(ours(False, 10, 40, budget=7 * 90), h, w, b, y, gl, ge, torch.float32, 0.9)
+    for got, want in [(lp, r_lp), (ent, r_ent)] + list(zip(grads, r_grads)):
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), float((got - want).abs().max())
+
+
+def test_second_backward_with_kept_logits_is_refused():
+    """Kept logits are overwritten by the first backward: a second one must fail loudly, and with
+    saved_logits_budget=0 (nothing kept) it must give the same gradient again."""
+    h, w, b, y, gl, _ = make(9, 6, 20, seed=8)
+    hf = h.float().requires_grad_(True)
+    lp = token_logprobs(hf, w.float(), y, compile=False, saved_logits_budget=1 << 26)
+    (lp * gl.float()).sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        (lp * gl.float()).sum().backward()
+    hf.grad = None
+    lp = token_logprobs(hf, w.float(), y, compile=False, saved_logits_budget=0)
+    (lp * gl.float()).sum().backward(retain_graph=True)
+    first = hf.grad.clone()
+    (lp * gl.float()).sum().backward()
+    assert torch.allclose(hf.grad, 2 * first)
+
+
+def test_bad_chunk_and_tile_are_refused():
+    h, w, b, y, *_ = make(6, 4, 10, seed=7)
+    with pytest.raises(ValueError, match="vocab_tile must be a positive"):
+        token_logprobs(h, w, y, vocab_tile=0)
+    with pytest.raises(ValueError, match="chunk_size must be a positive"):
+        token_logprobs(h, w, y, chunk_size=-3)
+    with pytest.raises(ValueError, match="saved_logits_budget must be ≥ 0"):
+        token_logprobs(h, w, y, saved_logits_budget=-1)
 
 
 def test_weighted_sum_matches_reference():

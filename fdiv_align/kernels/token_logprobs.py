@@ -6,13 +6,21 @@ temperature τ (the sampler's: z = (h Wᵀ + b)/τ):
     lp_i  = z_{i,y_i} − logsumexp_j z_{i,j}                 (token log-prob)
     ent_i = logsumexp_j z_{i,j} − Σ_j p_{i,j} z_{i,j}         (entropy of softmax(z_i), nats)
 
-Forward processes the tokens in chunks of ``chunk_size`` rows (default: 2^24 / V): one or two
-[chunk, V] fp32 buffers at a time; it saves only the inputs and the per-token log-sum-exp. Backward recomputes each
-chunk's logits and accumulates
+Forward processes the tokens in chunks of ``chunk_size`` rows (default: 2^24 / V) over whole
+vocabulary rows, writing each chunk's logits into one reused fp32 buffer; it saves only the inputs
+and the per-token log-sum-exp (and mean logit, for the entropy), plus — within a fixed budget
+(``saved_logits_budget``, default 2^26 elements) — the logits of the last tokens, which backward
+then uses without recomputing. For the other tokens backward walks the vocabulary in tiles of
+``vocab_tile`` columns over all of them (default: 2^24 / N, at least 256), recomputes each tile's
+logits and overwrites them in place with
 
     ∂/∂z_{ij} = g_i (1[j = y_i] − p_{ij}) − e_i p_{ij} (z_{ij} − Σ_k p_{ik} z_{ik})
 
-(g, e = upstream grads of lp and ent), then grad_h = ∂z W / τ, grad_W += ∂zᵀ h / τ, grad_b += Σ ∂z / τ.
+(g, e = upstream grads of lp and ent), then grad_h += ∂z W_tile / τ (fp32 accumulator [N, H]),
+grad_W[tile] = ∂zᵀ h / τ and grad_b[tile] = Σ ∂z / τ — each row of grad_W written once, where
+token chunks would read and rewrite all of grad_W [V, H] once per chunk. For recomputed tokens that
+is 4 matmuls (the logits twice), against 3 for the materialising version: the price of not storing
+[N, V]; the kept tokens cost 3.
 Matmuls take the input dtype (fp32 or bf16) with fp32 accumulation of the softmax math; gradients
 of W and b are accumulated in fp32 and cast back at the end. The chunk math (max, exp, sums,
 gathers, the softmax gradient) is compiled with ``torch.compile`` (dynamic shapes, so a short last
@@ -31,7 +39,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["token_logprobs", "reference_token_logprobs", "weighted_token_logprob_sum", "default_chunk_size",
-           "compile_count"]
+           "default_vocab_tile", "compile_count"]
 
 _COMPILED = {}
 _COMPILE_EVENTS = {"count": 0}
@@ -47,41 +55,41 @@ def compile_count() -> int:
     return _COMPILE_EVENTS["count"]
 
 
-# Chunk math on the logits z [c, V] (fp32, already divided by τ). Matmuls stay outside (BLAS);
-# these elementwise/reduction passes are what torch.compile fuses.
+# Chunk math on the logits z (fp32, already divided by τ). Matmuls stay outside (BLAS, writing into
+# one reused buffer); these elementwise/reduction passes are what torch.compile fuses. The gradient
+# functions overwrite z with ∂L/∂z in place, so no second [rows, V] block is allocated.
 
 def _chunk_stats(z, y, want_entropy: bool):
-    """(lp, lse, entropy) of one chunk."""
+    """(lp, lse, mean logit Σ_j p_j z_j) of one token chunk (full vocabulary rows)."""
     m = z.amax(-1, keepdim=True)
     e = torch.exp(z - m)
     s = e.sum(-1, keepdim=True)
     lse = (m + torch.log(s)).squeeze(1)
     lp = z.gather(1, y[:, None]).squeeze(1) - lse
-    if want_entropy:
-        ent = lse - (e * z).sum(-1) / s.squeeze(1)
-    else:
-        ent = lse.new_zeros(0)
-    return lp, lse, ent
+    mean_z = (e * z).sum(-1) / s.squeeze(1) if want_entropy else lse.new_zeros(0)
+    return lp, lse, mean_z
 
 
-def _chunk_dz(z, y, lse, g, e_grad, want_entropy: bool):
-    """∂L/∂z for upstream grads g (of lp) and e_grad (of the entropy)."""
+def _tile_dz_(z, y_local, lse, g, e_grad, mean_z, want_entropy: bool):
+    """Overwrite a vocabulary tile z [N, v] (columns j0 … j0+v−1; ``y_local`` = y − j0) with
+    ∂L/∂z = g (1[j = y] − p) − e_grad · p (z − Σ_k p_k z_k), p = exp(z − lse)."""
     p = torch.exp(z - lse[:, None])
-    dz = (-g[:, None] * p).scatter_add(1, y[:, None], g[:, None])
+    onehot = (torch.arange(z.shape[1], device=z.device)[None, :] == y_local[:, None]).to(z.dtype)
+    dz = g[:, None] * (onehot - p)
     if want_entropy:
-        mean_z = (p * z).sum(-1, keepdim=True)
-        dz = dz - e_grad[:, None] * p * (z - mean_z)
-    return dz
+        dz = dz - e_grad[:, None] * p * (z - mean_z[:, None])
+    z.copy_(dz)
 
 
-def _chunk_lp_and_dz(z, y, g):
-    """lp and ∂(Σ g·lp)/∂z in one pass (the forward-gradient form)."""
+def _chunk_lp_and_dz_(z, y, g):
+    """lp of a token chunk, overwriting z with ∂(Σ g·lp)/∂z (the forward-gradient form)."""
     m = z.amax(-1, keepdim=True)
     e = torch.exp(z - m)
     s = e.sum(-1, keepdim=True)
     lp = z.gather(1, y[:, None]).squeeze(1) - m.squeeze(1) - torch.log(s).squeeze(1)
-    dz = (e * (-g[:, None] / s)).scatter_add(1, y[:, None], g[:, None])
-    return lp, dz
+    onehot = (torch.arange(z.shape[1], device=z.device)[None, :] == y[:, None]).to(z.dtype)
+    z.copy_(g[:, None] * (onehot - e / s))
+    return lp
 
 
 def _get(fn, compile: bool):
@@ -99,10 +107,15 @@ def _get(fn, compile: bool):
     return _COMPILED[key]
 
 
-def _logits(h, w_in, b, inv_temp):
-    """fp32 (h Wᵀ + b)/τ for one chunk; in place after the matmul."""
-    z = torch.matmul(h, w_in.t())
-    z = z.float() if z.dtype != torch.float32 else z
+def _logits(h, w_in, b, inv_temp, buf=None):
+    """fp32 (h Wᵀ + b)/τ for one block; written into ``buf`` (a reused fp32 buffer) when the inputs
+    are fp32, otherwise a new tensor; bias and temperature applied in place."""
+    if buf is not None and h.dtype == torch.float32:
+        z = buf[:h.shape[0], :w_in.shape[0]]
+        torch.matmul(h, w_in.t(), out=z)
+    else:
+        z = torch.matmul(h, w_in.t())
+        z = z.float() if z.dtype != torch.float32 else z
     if b is not None:
         z.add_(b.float())
     if inv_temp != 1.0:
@@ -110,22 +123,38 @@ def _logits(h, w_in, b, inv_temp):
     return z
 
 
-def _grad_buffers(hidden, weight, need_h: bool, need_w: bool, need_b: bool):
-    """grad_h (input dtype), grad_w and grad_b (fp32 accumulators), or None where not needed."""
-    grad_h = torch.empty_like(hidden) if need_h else None
+def _buffer(hidden, rows: int, cols: int):
+    """The reused fp32 logits block (fp32 inputs only: bf16 matmuls write bf16 results)."""
+    if hidden.dtype != torch.float32:
+        return None
+    return torch.empty(rows, cols, dtype=torch.float32, device=hidden.device)
+
+
+def _grad_buffers(hidden, weight, need_h: bool, need_w: bool, need_b: bool, zero_h: bool = False):
+    """grad_h (input dtype, or fp32 zeros to accumulate into), grad_w and grad_b (fp32), or None."""
+    if not need_h:
+        grad_h = None
+    elif zero_h:
+        grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    else:
+        grad_h = torch.empty_like(hidden)
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
     grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
     return grad_h, grad_w, grad_b
 
 
-def _accumulate(dz, h, w_in, grad_h, grad_w, grad_b, sl, inv_temp):
+def _accumulate_rows(dz, h, w_in, grad_h, grad_w, grad_b, sl, inv_temp):
+    """Token-chunk gradients: grad_h[sl] = ∂z W/τ, grad_W += ∂zᵀ h[sl]/τ, grad_b += Σ ∂z/τ."""
     if inv_temp != 1.0:
-        dz = dz * inv_temp
+        dz.mul_(inv_temp)
     if grad_b is not None:
         grad_b += dz.sum(0)
     dz_in = dz.to(h.dtype)
     if grad_h is not None:
-        grad_h[sl] = torch.matmul(dz_in, w_in)
+        if h.dtype == torch.float32:
+            torch.matmul(dz_in, w_in, out=grad_h[sl])
+        else:
+            grad_h[sl] = torch.matmul(dz_in, w_in)
     if grad_w is not None:
         if h.dtype == torch.float32:
             grad_w.addmm_(dz_in.t(), h[sl])
@@ -133,47 +162,114 @@ def _accumulate(dz, h, w_in, grad_h, grad_w, grad_b, sl, inv_temp):
             grad_w += torch.matmul(dz_in.t(), h[sl]).float()
 
 
+def _accumulate_cols(dz, h, w_tile, grad_h, grad_w, grad_b, cols, inv_temp):
+    """Vocabulary-tile gradients for one block of tokens h: grad_h += ∂z W_tile/τ, grad_W[tile] +=
+    ∂zᵀ h/τ, grad_b[tile] += Σ ∂z/τ (fp32 accumulators; grad_W rows touched once per token block)."""
+    if inv_temp != 1.0:
+        dz.mul_(inv_temp)
+    if grad_b is not None:
+        grad_b[cols] += dz.sum(0)
+    dz_in = dz.to(h.dtype)
+    if grad_h is not None:
+        if h.dtype == torch.float32:
+            grad_h.addmm_(dz_in, w_tile)
+        else:
+            grad_h += torch.matmul(dz_in, w_tile).float()
+    if grad_w is not None:
+        if h.dtype == torch.float32:
+            grad_w[cols].addmm_(dz_in.t(), h)
+        else:
+            grad_w[cols] += torch.matmul(dz_in.t(), h).float()
+
+
+DEFAULT_SAVED_LOGITS_BUDGET = 1 << 26  # fp32 elements of forward logits kept for backward (256 MiB)
+BACKWARD_ROW_BLOCK = 1 << 16  # tokens per backward block: the [block, tile] buffer stays ~2^24 elements
+
+
+def default_vocab_tile(n_tokens: int, vocab_size: int, budget_elements: int = 1 << 24) -> int:
+    """Columns per backward tile so that one fp32 [N, tile] block holds about 2^24 elements."""
+    return max(1, min(vocab_size, max(256, budget_elements // max(1, n_tokens))))
+
+
 class _TokenLogprobs(torch.autograd.Function):
+    """Forward: token chunks over full vocabulary rows (the log-sum-exp needs whole rows). The
+    logits of the last ``keep`` tokens (keep·V ≤ saved_logits_budget) are kept for backward; the
+    others are recomputed there, in vocabulary tiles over all their tokens, so grad_W is written
+    once per row (no [V, H] read-modify-write per chunk) and the only accumulator is grad_h [N, H]."""
+
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, want_entropy, compile):
-        n = hidden.shape[0]
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, vocab_tile, want_entropy, compile,
+                saved_logits_budget):
+        n, vocab = hidden.shape[0], weight.shape[0]
         inv_temp = 1.0 / temperature
         stats = _get(_chunk_stats, compile)
         w_in = weight.to(hidden.dtype)
-        lps, lses, ents = [], [], []
-        for s in range(0, n, chunk_size):
-            z = _logits(hidden[s:s + chunk_size], w_in, bias, inv_temp)
-            lp, lse, ent = stats(z, targets[s:s + chunk_size], want_entropy)
+        keep = min(n, saved_logits_budget // vocab) if any(ctx.needs_input_grad[:3]) else 0
+        split = n - keep
+        lps, lses, means, kept = [], [], [], []
+        buf = _buffer(hidden, min(chunk_size, split), vocab) if split else None
+        starts = list(range(0, split, chunk_size)) + list(range(split, n, chunk_size))
+        for s in starts:
+            e = min(s + chunk_size, split if s < split else n)
+            z = _logits(hidden[s:e], w_in, bias, inv_temp, buf if s < split else None)
+            lp, lse, mean_z = stats(z, targets[s:e], want_entropy)
             lps.append(lp)
             lses.append(lse)
-            ents.append(ent)
+            means.append(mean_z)
+            if s >= split:
+                kept.append((s, z))
+            elif e == split:
+                buf = None  # the recompute buffer is not needed while the kept chunks are made
         lp, lse = torch.cat(lps), torch.cat(lses)
-        ent = torch.cat(ents) if want_entropy else lse.new_zeros(0)
-        ctx.save_for_backward(hidden, weight, bias if bias is not None else torch.empty(0), targets, lse)
-        ctx.has_bias, ctx.inv_temp, ctx.chunk_size, ctx.want_entropy, ctx.compile = bias is not None, inv_temp, chunk_size, want_entropy, compile
+        mean_z = torch.cat(means) if want_entropy else lse.new_zeros(0)
+        ent = lse - mean_z if want_entropy else lse.new_zeros(0)
+        ctx.save_for_backward(hidden, weight, bias if bias is not None else torch.empty(0), targets, lse, mean_z)
+        ctx.kept, ctx.split = kept, split  # intermediates (neither inputs nor outputs): held on ctx
+        ctx.has_bias, ctx.inv_temp, ctx.vocab_tile, ctx.want_entropy, ctx.compile = bias is not None, inv_temp, vocab_tile, want_entropy, compile
         ctx.mark_non_differentiable(lse)
         return lp, ent, lse
 
     @staticmethod
     def backward(ctx, g_lp, g_ent, _g_lse):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        hidden, weight, bias, targets, lse, mean_z = ctx.saved_tensors
+        if ctx.kept is None:
+            raise RuntimeError("token_logprobs: backward ran twice through one forward, but its kept logits are "
+                               "consumed by the first; pass saved_logits_budget=0 to backpropagate more than once")
         bias = bias if ctx.has_bias else None
-        n = hidden.shape[0]
+        n, vocab = hidden.shape[0], weight.shape[0]
         g_lp = torch.zeros(n, device=hidden.device) if g_lp is None else g_lp.float()
         want_e = ctx.want_entropy and g_ent is not None and g_ent.numel() > 0
         g_ent = g_ent.float() if want_e else g_lp.new_zeros(0)
-        dfn = _get(_chunk_dz, ctx.compile)
+        dfn = _get(_tile_dz_, ctx.compile)
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
-        grad_h, grad_w, grad_b = _grad_buffers(hidden, weight, need_h, need_w, need_b)
+        grad_h, grad_w, grad_b = _grad_buffers(hidden, weight, need_h, need_w, need_b, zero_h=True)
         w_in = weight.to(hidden.dtype)
-        for s in range(0, n, ctx.chunk_size):
-            sl = slice(s, s + ctx.chunk_size)
-            z = _logits(hidden[sl], w_in, bias, ctx.inv_temp)
-            dz = dfn(z, targets[sl], lse[sl], g_lp[sl], g_ent[sl] if want_e else g_ent, want_e)
+
+        def per_token(t, sl):
+            return t[sl] if t.numel() else t
+
+        kept = ctx.kept
+        ctx.kept = None if kept else []  # consumed below; nothing kept → backward may run again
+        while kept:  # kept chunks: ∂z in place of the kept logits, freed one by one
+            s, z = kept.pop(0)
+            sl = slice(s, s + z.shape[0])
+            dfn(z, targets[sl], lse[sl], g_lp[sl], per_token(g_ent, sl), per_token(mean_z, sl), want_e)
+            _accumulate_rows(z, hidden, w_in, grad_h, grad_w, grad_b, sl, ctx.inv_temp)
             del z
-            _accumulate(dz, hidden, w_in, grad_h, grad_w, grad_b, sl, ctx.inv_temp)
-        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None)
+        split = ctx.split
+        rows = max(1, min(split, BACKWARD_ROW_BLOCK))
+        tile = ctx.vocab_tile or default_vocab_tile(rows, vocab)
+        buf = _buffer(hidden, rows, min(tile, vocab)) if split else None
+        for r in range(0, split, rows):  # recomputed tokens: one block unless more than BACKWARD_ROW_BLOCK
+            rs = slice(r, min(r + rows, split))
+            h_blk, gh_blk = hidden[rs], None if grad_h is None else grad_h[rs]
+            for j in range(0, vocab, tile):
+                cols = slice(j, j + tile)
+                z = _logits(h_blk, w_in[cols], None if bias is None else bias[cols], ctx.inv_temp, buf)
+                dfn(z, targets[rs] - j, lse[rs], g_lp[rs], per_token(g_ent, rs), per_token(mean_z, rs), want_e)
+                _accumulate_cols(z, h_blk, w_in[cols], gh_blk, grad_w, grad_b, cols, ctx.inv_temp)
+        return (None if grad_h is None else grad_h.to(hidden.dtype), None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None, None, None)
 
 
 def _check(hidden, weight, targets, bias, temperature):
@@ -189,10 +285,16 @@ def _check(hidden, weight, targets, bias, temperature):
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
                    chunk_size: int | None = None, return_entropy: bool = False, bias: torch.Tensor | None = None,
-                   compile: bool = True):
-    """log softmax((h Wᵀ + b)/τ)[y] per token, fp32 [N] (and the entropy [N] if asked), never
-    holding more than one [chunk, V] block of logits. Leading dims of ``hidden``/``targets`` are
-    flattened and restored."""
+                   compile: bool = True, vocab_tile: int | None = None,
+                   saved_logits_budget: int = DEFAULT_SAVED_LOGITS_BUDGET):
+    """log softmax((h Wᵀ + b)/τ)[y] per token, fp32 [N] (and the entropy [N] if asked). Leading dims
+    of ``hidden``/``targets`` are flattened and restored.
+
+    Memory is bounded by constants, never by N·V: one [chunk, V] block of logits at a time, plus —
+    when a gradient is needed — the fp32 logits of the last ⌊saved_logits_budget / V⌋ tokens kept
+    from forward so that backward need not recompute them (default 2^26 elements = 256 MiB; 0 =
+    recompute everything, and only then may backward run more than once through one forward).
+    """
     lead = hidden.shape[:-1]
     h2, y2 = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     _check(h2, weight, y2, bias, temperature)
@@ -200,7 +302,15 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
         empty = h2.new_zeros(lead, dtype=torch.float32)
         return (empty, empty.clone()) if return_entropy else empty
     chunk = chunk_size or default_chunk_size(weight.shape[0])
-    lp, ent, _ = _TokenLogprobs.apply(h2, weight, bias, y2, float(temperature), int(chunk), bool(return_entropy), bool(compile))
+    if vocab_tile is not None and vocab_tile < 1:
+        raise ValueError(f"token_logprobs: vocab_tile must be a positive number of columns, got {vocab_tile}")
+    if chunk < 1:
+        raise ValueError(f"token_logprobs: chunk_size must be a positive number of tokens, got {chunk}")
+    if saved_logits_budget < 0:
+        raise ValueError(f"token_logprobs: saved_logits_budget must be ≥ 0 elements, got {saved_logits_budget}")
+    lp, ent, _ = _TokenLogprobs.apply(h2, weight, bias, y2, float(temperature), int(chunk),
+                                      None if vocab_tile is None else int(vocab_tile), bool(return_entropy), bool(compile),
+                                      int(saved_logits_budget))
     lp = lp.reshape(lead)
     return (lp, ent.reshape(lead)) if return_entropy else lp
 
@@ -224,20 +334,20 @@ class _WeightedSum(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, token_weights, temperature, chunk_size, compile):
         n = hidden.shape[0]
         inv_temp = 1.0 / temperature
-        fused = _get(_chunk_lp_and_dz, compile)
+        fused = _get(_chunk_lp_and_dz_, compile)
         need_h, need_w = hidden.requires_grad, weight.requires_grad
         need_b = bias is not None and bias.requires_grad
         grad_h, grad_w, grad_b = _grad_buffers(hidden, weight, need_h, need_w, need_b)
         wts = token_weights.float()
         w_in = weight.to(hidden.dtype)
+        buf = _buffer(hidden, min(chunk_size, n), weight.shape[0])
         lps = []
         for s in range(0, n, chunk_size):
             sl = slice(s, s + chunk_size)
-            z = _logits(hidden[sl], w_in, bias, inv_temp)
-            lp, dz = fused(z, targets[sl], wts[sl])
-            del z
-            lps.append(lp)
-            _accumulate(dz, hidden, w_in, grad_h, grad_w, grad_b, sl, inv_temp)
+            z = _logits(hidden[sl], w_in, bias, inv_temp, buf)
+            lps.append(fused(z, targets[sl], wts[sl]))  # z now holds ∂z
+            _accumulate_rows(z, hidden, w_in, grad_h, grad_w, grad_b, sl, inv_temp)
+        del buf
         lp_all = torch.cat(lps)
         total = (wts * lp_all).sum()
         ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (grad_h, grad_w, grad_b)))
