@@ -203,11 +203,29 @@ def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1).clamp_max(probs.shape[-1] - 1)
 
 
+def _prefill_unique(backbone, context_index, ids, attn, pos):
+    """Run the prompt through the model once per distinct context (rows of one context are identical,
+    padding included) and give every row its context's KV cache and last hidden state. Falls back
+    to the plain batched prefill when every row is its own context or the cache cannot be reordered."""
+    uniq, inverse = torch.unique(context_index.to(ids.device), return_inverse=True)
+    if len(uniq) == ids.shape[0]:
+        return backbone(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
+    first = torch.full((len(uniq),), ids.shape[0], dtype=torch.long, device=ids.device)
+    first = first.scatter_reduce(0, inverse, torch.arange(ids.shape[0], device=ids.device), reduce="amin")
+    out = backbone(input_ids=ids[first], attention_mask=attn[first], position_ids=pos[first], use_cache=True)
+    cache = out.past_key_values
+    if not hasattr(cache, "reorder_cache"):
+        return backbone(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
+    cache.reorder_cache(inverse)  # index_select over the batch: row i gets its context's keys/values
+    out.last_hidden_state = out.last_hidden_state[inverse]
+    return out
+
+
 def _sample_loop(model, tokenizer, contexts, context_index, prompt_ids, prompt_mask, ids, attn, pos, tokens, mask,
                  token_logq, finished, uniforms, max_new_tokens, config, stop_at_eos, pad_id, eos_id) -> Batch:
     B, device = ids.shape[0], ids.device
     backbone, head = backbone_and_head(model)
-    out = backbone(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
+    out = _prefill_unique(backbone, context_index, ids, attn, pos)
     last_pos = pos[:, -1:]
     width = max_new_tokens
     for t in range(max_new_tokens):

@@ -88,6 +88,7 @@ class Trainer:
 
         self.lm = lm if lm is not None else self._load_model()
         self.tokenizer = self.lm.tokenizer
+        self._set_attention(self.lm.model)
         self.model, self.use_lora = self._maybe_lora(self.lm.model)
         self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         if not self.trainable:
@@ -119,6 +120,7 @@ class Trainer:
         self.autocast_dtype = None if tc.autocast == "none" else torch.bfloat16
         if self.autocast_dtype is not None and self.use_lora:
             self._store_frozen_in(self.autocast_dtype)
+            self._keep_adapter_inputs_in_compute_dtype()
         self.logprob_fn = self._make_logprob_fn() if tc.fused_logprobs else None
         self.step = 0
         self.samples_seen = 0
@@ -187,6 +189,29 @@ class Trainer:
             if use_lora and hasattr(model, "enable_input_require_grads"):
                 model.enable_input_require_grads()
         return model, use_lora
+
+    def _set_attention(self, model) -> None:
+        """Apply ``model.attn_implementation`` (null: ``eager`` on CPU, where for these short sequences
+        it beats sdpa's flash kernel — measured by benchmarks/step_time.py — and ``sdpa`` elsewhere)."""
+        wanted = self.cfg.model.attn_implementation
+        if wanted is None:
+            wanted = "eager" if next(model.parameters()).device.type == "cpu" else "sdpa"
+        if getattr(model.config, "_attn_implementation", None) == wanted:
+            return
+        try:
+            model.set_attn_implementation(wanted)
+        except (ValueError, ImportError) as exc:
+            raise ValueError(f"model.attn_implementation={wanted!r} is not available for {type(model).__name__}: {exc}") from exc
+
+    def _keep_adapter_inputs_in_compute_dtype(self) -> None:
+        """Under bf16 autocast PEFT casts each LoRA layer's bf16 input up to the fp32 adapter dtype,
+        and autocast casts it straight back to bf16 for the matmul: an exact round trip (bf16 ⊂ fp32)
+        that costs two copies per adapter call (~14 per layer per decoding step). Skip it."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for module in self.model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.cast_input_dtype_enabled = False
 
     def _store_frozen_in(self, dtype: torch.dtype) -> None:
         """bf16 fast path with LoRA: keep the frozen base *linear* weights in bf16 (the dtype autocast

@@ -48,3 +48,38 @@ def test_bf16_matches_fp32_within_logprob_error(tmp_path, div, lora):
     assert ((b16["R"] - f32["R"]).abs() <= bound + 1e-9).all()
     print(f"\n[{div}] max |Δ log π| {float(d_pi.max()):.4f}, max |ΔR| {float((b16['R'] - f32['R']).abs().max()):.4f}, "
           f"loss fp32 {f32['loss']:.5f} bf16 {b16['loss']:.5f}")
+
+
+def test_adapter_input_cast_skip_is_exact(tmp_path):
+    """Skipping PEFT's bf16→fp32 input cast under bf16 autocast (the fast path) changes no bit: the
+    same policy log-probs and the same adapter gradients as with PEFT's cast."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    cfg = tiny_cfg(trainer={"autocast": "bfloat16"}, model={"lora": True, "lora_r": 4})
+    tr = Trainer(cfg, lm=tiny_model(seed=5), output_dir=tmp_path)
+    with torch.no_grad():  # move the adapters away from B = 0 so that they contribute
+        for name, p in tr.trainable.items():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    batch = sample(tr.model, tr.tokenizer, ["", "the cat"], 4, 6, generator=torch.Generator().manual_seed(1))
+    layers = [m for m in tr.model.modules() if isinstance(m, BaseTunerLayer)]
+    assert layers and not any(m.cast_input_dtype_enabled for m in layers)
+    results = []
+    for enabled in (False, True):
+        for m in layers:
+            m.cast_input_dtype_enabled = enabled
+        tr.model.zero_grad(set_to_none=True)
+        lp = tr.policy_logprobs(batch)
+        lp.sum().backward()
+        results.append((lp.detach(), [p.grad.clone() for p in tr.trainable.values()]))
+    (lp0, g0), (lp1, g1) = results
+    assert torch.equal(lp0, lp1)
+    assert all(torch.equal(a, b) for a, b in zip(g0, g1))
+
+
+def test_attention_implementation_is_applied_and_checked(tmp_path):
+    tr = Trainer(tiny_cfg(), lm=tiny_model(seed=5), output_dir=tmp_path / "a")
+    assert tr.model.config._attn_implementation == "eager"  # the CPU default
+    tr = Trainer(tiny_cfg(model={"attn_implementation": "sdpa"}), lm=tiny_model(seed=5), output_dir=tmp_path / "b")
+    assert tr.model.config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match="attn_implementation='no_such_kernel'"):
+        Trainer(tiny_cfg(model={"attn_implementation": "no_such_kernel"}), lm=tiny_model(seed=5), output_dir=tmp_path / "c")
