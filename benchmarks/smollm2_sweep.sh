@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# SmolLM2 result tables: tasks (default science, sentiment, female; TASKS=... to change) × 4 divergences,
-# one seed, CPU scale (conf/trainer/smollm2_sweep.yaml).
+# SmolLM2 result tables: tasks (default science, sentiment, female, code_compiles; TASKS=... to change)
+# × 4 divergences × seeds (default 0,1; SEEDS=... to change), CPU scale (conf/trainer/smollm2_sweep.yaml).
 # Resumable: rerunning skips finished runs (summary.json) and resumes unfinished ones from checkpoints.
 #   bash benchmarks/smollm2_sweep.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SWEEP=${SWEEP:-benchmarks/runs/smollm2}
-fdiv-align -m task=${TASKS:-science,sentiment,female} divergence=rkl,fkl,js,tv trainer=smollm2_sweep \
+fdiv-align -m task=${TASKS:-science,sentiment,female,code_compiles} divergence=rkl,fkl,js,tv trainer=smollm2_sweep \
+  trainer.seed=${SEEDS:-0,1} \
   task.max_new_tokens=24 task.constraint_fit_samples=128 logger.progress=false logger.log_samples=4 \
   hydra.sweep.dir="$SWEEP" 'hydra.sweep.subdir=${hydra.job.override_dirname}' \
   'hydra.job.config.override_dirname.exclude_keys=[trainer,task.max_new_tokens,task.constraint_fit_samples,logger.progress,logger.log_samples]'

@@ -60,7 +60,8 @@ def test_adapter_input_cast_skip_is_exact(tmp_path):
     with torch.no_grad():  # move the adapters away from B = 0 so that they contribute
         for name, p in tr.trainable.items():
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
-    batch = sample(tr.model, tr.tokenizer, ["", "the cat"], 4, 6, generator=torch.Generator().manual_seed(1))
+    batch = sample(tr.model, tr.tokenizer, ["", "the cat"], 4, 6, generator=torch.Generator().manual_seed(1),
+                   autocast_dtype=torch.bfloat16)
     layers = [m for m in tr.model.modules() if isinstance(m, BaseTunerLayer)]
     assert layers and not any(m.cast_input_dtype_enabled for m in layers)
     results = []
