@@ -40,6 +40,7 @@ from .divergences import get_divergence
 from .estimators import estimate_divergences
 from .loss import FDivergenceLoss
 from .metrics import MetricsLogger, distinct_n, self_bleu
+from .fast_lora import install_fast_lora_forward
 from .models import LoadedModel, load_model, tiny_model
 from .sampling import Batch, SamplingConfig, sample, score, weighted_logprob_sum
 from .targets import BaseLM, load_contexts
@@ -118,6 +119,8 @@ class Trainer:
         self._offpolicy_acc = {"pi": [], "q": []}
         self.proposal_updates = 0
         self.autocast_dtype = None if tc.autocast == "none" else torch.bfloat16
+        if self.use_lora:
+            install_fast_lora_forward(self.model)  # same sum as PEFT's forward in two ops (fast_lora.py)
         if self.autocast_dtype is not None and self.use_lora:
             self._store_frozen_in(self.autocast_dtype)
             self._keep_adapter_inputs_in_compute_dtype()

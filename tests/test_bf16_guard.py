@@ -55,6 +55,8 @@ def test_adapter_input_cast_skip_is_exact(tmp_path):
     same policy log-probs and the same adapter gradients as with PEFT's cast."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    from fdiv_align.fast_lora import uninstall_fast_lora_forward
+
     cfg = tiny_cfg(trainer={"autocast": "bfloat16"}, model={"lora": True, "lora_r": 4})
     tr = Trainer(cfg, lm=tiny_model(seed=5), output_dir=tmp_path)
     with torch.no_grad():  # move the adapters away from B = 0 so that they contribute
@@ -64,6 +66,7 @@ def test_adapter_input_cast_skip_is_exact(tmp_path):
                    autocast_dtype=torch.bfloat16)
     layers = [m for m in tr.model.modules() if isinstance(m, BaseTunerLayer)]
     assert layers and not any(m.cast_input_dtype_enabled for m in layers)
+    uninstall_fast_lora_forward(tr.model)  # PEFT's own forward (the path that casts) for this check
     results = []
     for enabled in (False, True):
         for m in layers:

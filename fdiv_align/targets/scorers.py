@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -168,7 +169,9 @@ class CompilesAsPython(BooleanScorer):
     def _compiles(self, text: str, context: str) -> bool:
         source = (context + text) if self.include_context else text
         try:
-            compile(source, "<fdiv_align-sample>", "exec", dont_inherit=True)
+            with warnings.catch_warnings():  # SyntaxWarnings about a sample's code are not ours to print
+                warnings.simplefilter("ignore", SyntaxWarning)
+                compile(source, "<fdiv_align-sample>", "exec", dont_inherit=True)
         except (SyntaxError, ValueError, OverflowError, RecursionError, MemoryError):
             return False
         return True
