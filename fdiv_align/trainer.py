@@ -38,9 +38,9 @@ from .checkpoint import load_latest, save_checkpoint
 from .config import Config, to_dict
 from .divergences import get_divergence
 from .estimators import estimate_divergences
+from .fast_lora import install_fast_lora_forward
 from .loss import FDivergenceLoss
 from .metrics import MetricsLogger, distinct_n, self_bleu
-from .fast_lora import install_fast_lora_forward
 from .models import LoadedModel, load_model, tiny_model
 from .sampling import Batch, SamplingConfig, sample, score, weighted_logprob_sum
 from .targets import BaseLM, load_contexts
@@ -195,7 +195,7 @@ class Trainer:
 
     def _set_attention(self, model) -> None:
         """Apply ``model.attn_implementation`` (null: ``eager`` on CPU, where for these short sequences
-        it beats sdpa's flash kernel — measured by benchmarks/step_time.py — and ``sdpa`` elsewhere)."""
+        it beats sdpa's flash kernel — docs/results/step_time_profile.md — and ``sdpa`` elsewhere)."""
         wanted = self.cfg.model.attn_implementation
         if wanted is None:
             wanted = "eager" if next(model.parameters()).device.type == "cpu" else "sdpa"

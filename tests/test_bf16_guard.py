@@ -11,12 +11,12 @@ stays within 8 units of bf16 round-off (8·2⁻⁸ ≈ 0.031 nats per token).
 
 import pytest
 import torch
+from trainer_helpers import tiny_cfg
 
 from fdiv_align import f_dpg_loss
 from fdiv_align.models import tiny_model
 from fdiv_align.sampling import sample
 from fdiv_align.trainer import Trainer
-from trainer_helpers import tiny_cfg
 
 LIPSCHITZ = {"rkl": 1.0, "js": 0.5}
 

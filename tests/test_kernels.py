@@ -5,7 +5,11 @@ import importlib
 import pytest
 import torch
 
-from fdiv_align.kernels import reference_token_logprobs, token_logprobs, weighted_token_logprob_sum
+from fdiv_align.kernels import (
+    reference_token_logprobs,
+    token_logprobs,
+    weighted_token_logprob_sum,
+)
 from fdiv_align.sampling import SamplingConfig, transformed_logprobs
 
 SHAPES = [  # (N, H, V, chunk, vocab tile): N not a multiple of the chunk, V not a multiple of the tile, N = 1, single chunk/tile

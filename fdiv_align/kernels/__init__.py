@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from .token_logprobs import (compile_count, default_chunk_size, default_vocab_tile, reference_token_logprobs,
-                             token_logprobs, weighted_token_logprob_sum)
+from .token_logprobs import (
+    compile_count,
+    default_chunk_size,
+    default_vocab_tile,
+    reference_token_logprobs,
+    token_logprobs,
+    weighted_token_logprob_sum,
+)
 
 __all__ = ["token_logprobs", "reference_token_logprobs", "weighted_token_logprob_sum", "default_chunk_size",
            "default_vocab_tile", "compile_count", "head_logprob_fn", "plain_linear_head", "fused_head_weights"]

@@ -35,7 +35,6 @@ scalar in backward.
 
 from __future__ import annotations
 
-
 import torch
 
 __all__ = ["token_logprobs", "reference_token_logprobs", "weighted_token_logprob_sum", "default_chunk_size",
