@@ -200,6 +200,8 @@ def write_report(rows, peaks, args):
              f"Work per step: SmolLM2-135M-Instruct, prompt {PROMPT!r}, {SAMPLES} samples × ≤ {NEW_TOKENS} new tokens, pure "
              f"sampling, VADER sentiment reward, KL-regularised with β = {BETA} (ours: `rkl` on P = a·exp(r/β); TRL: RLOO, "
              "beta = 0.1), one optimiser step. Ours: LoRA r = 16 (default); TRL: full fine-tuning (default).", "",
+             "Where the time goes, before and after each speed-up, and what would close the rest: "
+             "[step_time_profile.md](step_time_profile.md).", "",
              "| variant | median s/step | samples/s | timed steps | × TRL bf16 |", "|---|---|---|---|---|"]
     for v, (med, n, extra) in rows.items():
         ratio = f"{med / ref:.2f}" if ref else "–"
