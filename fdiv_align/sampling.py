@@ -205,18 +205,18 @@ def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 def _prefill_unique(backbone, context_index, ids, attn, pos):
     """Run the prompt through the model once per distinct context (rows of one context are identical,
-    padding included) and give every row its context's KV cache and last hidden state. Falls back
-    to the plain batched prefill when every row is its own context or the cache cannot be reordered."""
+    padding included) and give every row its context's KV cache (``Cache.reorder_cache``) and last
+    hidden state. Every row its own context: the plain batched prefill."""
     uniq, inverse = torch.unique(context_index.to(ids.device), return_inverse=True)
     if len(uniq) == ids.shape[0]:
         return backbone(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
     first = torch.full((len(uniq),), ids.shape[0], dtype=torch.long, device=ids.device)
     first = first.scatter_reduce(0, inverse, torch.arange(ids.shape[0], device=ids.device), reduce="amin")
     out = backbone(input_ids=ids[first], attention_mask=attn[first], position_ids=pos[first], use_cache=True)
-    cache = out.past_key_values
-    if not hasattr(cache, "reorder_cache"):
-        return backbone(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
-    cache.reorder_cache(inverse)  # index_select over the batch: row i gets its context's keys/values
+    if not hasattr(out.past_key_values, "reorder_cache"):
+        raise TypeError(f"{type(backbone).__name__} returned a {type(out.past_key_values).__name__} KV cache; "
+                        "sampling needs a transformers Cache (with reorder_cache)")
+    out.past_key_values.reorder_cache(inverse)  # index_select over the batch: row i gets its context's keys/values
     out.last_hidden_state = out.last_hidden_state[inverse]
     return out
 

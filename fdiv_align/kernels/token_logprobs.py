@@ -129,56 +129,41 @@ def _buffer(hidden, rows: int, cols: int):
     return torch.empty(rows, cols, dtype=torch.float32, device=hidden.device)
 
 
-def _grad_buffers(hidden, weight, need_h: bool, need_w: bool, need_b: bool, zero_h: bool = False):
-    """grad_h (input dtype, or fp32 zeros to accumulate into), grad_w and grad_b (fp32), or None."""
-    if not need_h:
-        grad_h = None
-    elif zero_h:
-        grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-    else:
-        grad_h = torch.empty_like(hidden)
-    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-    grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
-    return grad_h, grad_w, grad_b
+def _grad_buffers(hidden, weight, need_h: bool, need_w: bool, need_b: bool):
+    """fp32 zero accumulators for grad_h, grad_w and grad_b (None where not needed); callers cast
+    them back to the input dtypes at the end."""
+    def zeros(shape, device, need):
+        return torch.zeros(shape, dtype=torch.float32, device=device) if need else None
+
+    return (zeros(hidden.shape, hidden.device, need_h), zeros(weight.shape, weight.device, need_w),
+            zeros(weight.shape[0], weight.device, need_b))
 
 
-def _accumulate_rows(dz, h, w_in, grad_h, grad_w, grad_b, sl, inv_temp):
-    """Token-chunk gradients: grad_h[sl] = ∂z W/τ, grad_W += ∂zᵀ h[sl]/τ, grad_b += Σ ∂z/τ."""
+def _view(t, index):
+    return None if t is None else t[index]
+
+
+def _accumulate(dz, h, w, grad_h, grad_w, grad_b, inv_temp):
+    """One block's gradients from ∂z [rows, cols] (z = h wᵀ/τ): grad_h += ∂z w/τ, grad_w += ∂zᵀ h/τ,
+    grad_b += Σ ∂z/τ. The grad_* are the fp32 accumulator views for exactly these rows (h) and
+    columns (w): a token chunk passes grad_h[rows] and all of grad_w, a vocabulary tile all of its
+    block's grad_h and grad_w[tile]."""
     if inv_temp != 1.0:
         dz.mul_(inv_temp)
     if grad_b is not None:
         grad_b += dz.sum(0)
     dz_in = dz.to(h.dtype)
+    fp32 = h.dtype == torch.float32
     if grad_h is not None:
-        if h.dtype == torch.float32:
-            torch.matmul(dz_in, w_in, out=grad_h[sl])
+        if fp32:
+            grad_h.addmm_(dz_in, w)
         else:
-            grad_h[sl] = torch.matmul(dz_in, w_in)
+            grad_h += torch.matmul(dz_in, w).float()
     if grad_w is not None:
-        if h.dtype == torch.float32:
-            grad_w.addmm_(dz_in.t(), h[sl])
+        if fp32:
+            grad_w.addmm_(dz_in.t(), h)
         else:
-            grad_w += torch.matmul(dz_in.t(), h[sl]).float()
-
-
-def _accumulate_cols(dz, h, w_tile, grad_h, grad_w, grad_b, cols, inv_temp):
-    """Vocabulary-tile gradients for one block of tokens h: grad_h += ∂z W_tile/τ, grad_W[tile] +=
-    ∂zᵀ h/τ, grad_b[tile] += Σ ∂z/τ (fp32 accumulators; grad_W rows touched once per token block)."""
-    if inv_temp != 1.0:
-        dz.mul_(inv_temp)
-    if grad_b is not None:
-        grad_b[cols] += dz.sum(0)
-    dz_in = dz.to(h.dtype)
-    if grad_h is not None:
-        if h.dtype == torch.float32:
-            grad_h.addmm_(dz_in, w_tile)
-        else:
-            grad_h += torch.matmul(dz_in, w_tile).float()
-    if grad_w is not None:
-        if h.dtype == torch.float32:
-            grad_w[cols].addmm_(dz_in.t(), h)
-        else:
-            grad_w[cols] += torch.matmul(dz_in.t(), h).float()
+            grad_w += torch.matmul(dz_in.t(), h).float()
 
 
 DEFAULT_SAVED_LOGITS_BUDGET = 1 << 26  # fp32 elements of forward logits kept for backward (256 MiB)
@@ -204,21 +189,23 @@ class _TokenLogprobs(torch.autograd.Function):
         stats = _get(_chunk_stats, compile)
         w_in = weight.to(hidden.dtype)
         keep = min(n, saved_logits_budget // vocab) if any(ctx.needs_input_grad[:3]) else 0
-        split = n - keep
+        split = n - keep  # tokens [0, split) are recomputed in backward, [split, n) kept
         lps, lses, means, kept = [], [], [], []
-        buf = _buffer(hidden, min(chunk_size, split), vocab) if split else None
-        starts = list(range(0, split, chunk_size)) + list(range(split, n, chunk_size))
-        for s in starts:
-            e = min(s + chunk_size, split if s < split else n)
-            z = _logits(hidden[s:e], w_in, bias, inv_temp, buf if s < split else None)
+
+        def chunk(s, e, buf):
+            z = _logits(hidden[s:e], w_in, bias, inv_temp, buf)
             lp, lse, mean_z = stats(z, targets[s:e], want_entropy)
             lps.append(lp)
             lses.append(lse)
             means.append(mean_z)
-            if s >= split:
-                kept.append((s, z))
-            elif e == split:
-                buf = None  # the recompute buffer is not needed while the kept chunks are made
+            return z
+
+        buf = _buffer(hidden, min(chunk_size, split), vocab) if split else None
+        for s in range(0, split, chunk_size):
+            chunk(s, min(s + chunk_size, split), buf)
+        del buf  # not needed while the kept chunks are made
+        for s in range(split, n, chunk_size):
+            kept.append((s, chunk(s, min(s + chunk_size, n), None)))
         lp, lse = torch.cat(lps), torch.cat(lses)
         mean_z = torch.cat(means) if want_entropy else lse.new_zeros(0)
         ent = lse - mean_z if want_entropy else lse.new_zeros(0)
@@ -241,19 +228,16 @@ class _TokenLogprobs(torch.autograd.Function):
         g_ent = g_ent.float() if want_e else g_lp.new_zeros(0)
         dfn = _get(_tile_dz_, ctx.compile)
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
-        grad_h, grad_w, grad_b = _grad_buffers(hidden, weight, need_h, need_w, need_b, zero_h=True)
+        grad_h, grad_w, grad_b = _grad_buffers(hidden, weight, need_h, need_w, need_b)
         w_in = weight.to(hidden.dtype)
-
-        def per_token(t, sl):
-            return t[sl] if t.numel() else t
 
         kept = ctx.kept
         ctx.kept = None if kept else []  # consumed below; nothing kept → backward may run again
         while kept:  # kept chunks: ∂z in place of the kept logits, freed one by one
             s, z = kept.pop(0)
             sl = slice(s, s + z.shape[0])
-            dfn(z, targets[sl], lse[sl], g_lp[sl], per_token(g_ent, sl), per_token(mean_z, sl), want_e)
-            _accumulate_rows(z, hidden, w_in, grad_h, grad_w, grad_b, sl, ctx.inv_temp)
+            dfn(z, targets[sl], lse[sl], g_lp[sl], g_ent[sl], mean_z[sl], want_e)  # (empty tensors slice to empty)
+            _accumulate(z, hidden[sl], w_in, _view(grad_h, sl), grad_w, grad_b, ctx.inv_temp)
             del z
         split = ctx.split
         rows = max(1, min(split, BACKWARD_ROW_BLOCK))
@@ -261,12 +245,12 @@ class _TokenLogprobs(torch.autograd.Function):
         buf = _buffer(hidden, rows, min(tile, vocab)) if split else None
         for r in range(0, split, rows):  # recomputed tokens: one block unless more than BACKWARD_ROW_BLOCK
             rs = slice(r, min(r + rows, split))
-            h_blk, gh_blk = hidden[rs], None if grad_h is None else grad_h[rs]
             for j in range(0, vocab, tile):
                 cols = slice(j, j + tile)
-                z = _logits(h_blk, w_in[cols], None if bias is None else bias[cols], ctx.inv_temp, buf)
-                dfn(z, targets[rs] - j, lse[rs], g_lp[rs], per_token(g_ent, rs), per_token(mean_z, rs), want_e)
-                _accumulate_cols(z, h_blk, w_in[cols], gh_blk, grad_w, grad_b, cols, ctx.inv_temp)
+                z = _logits(hidden[rs], w_in[cols], _view(bias, cols), ctx.inv_temp, buf)
+                dfn(z, targets[rs] - j, lse[rs], g_lp[rs], g_ent[rs], mean_z[rs], want_e)
+                _accumulate(z, hidden[rs], w_in[cols], _view(grad_h, rs), _view(grad_w, cols), _view(grad_b, cols),
+                            ctx.inv_temp)
         return (None if grad_h is None else grad_h.to(hidden.dtype), None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None, None, None)
 
@@ -345,23 +329,23 @@ class _WeightedSum(torch.autograd.Function):
             sl = slice(s, s + chunk_size)
             z = _logits(hidden[sl], w_in, bias, inv_temp, buf)
             lps.append(fused(z, targets[sl], wts[sl]))  # z now holds ∂z
-            _accumulate_rows(z, hidden, w_in, grad_h, grad_w, grad_b, sl, inv_temp)
+            _accumulate(z, hidden[sl], w_in, _view(grad_h, sl), grad_w, grad_b, inv_temp)
         del buf
         lp_all = torch.cat(lps)
         total = (wts * lp_all).sum()
         ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (grad_h, grad_w, grad_b)))
-        ctx.flags = (need_h, need_w, need_b, weight.dtype, None if bias is None else bias.dtype)
+        ctx.flags = (need_h, need_w, need_b, hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(lp_all)
         return total, lp_all
 
     @staticmethod
     def backward(ctx, g_total, _g_lp):
         grad_h, grad_w, grad_b = ctx.saved_tensors
-        need_h, need_w, need_b, wdtype, bdtype = ctx.flags
+        need_h, need_w, need_b, hdtype, wdtype, bdtype = ctx.flags
         s = g_total.float()
-        # scale the stored gradients in place (no second [V, H] buffer); they are not used again
+        # scale the stored fp32 gradients in place (no second [V, H] buffer); they are not used again
         if need_h:
-            grad_h.mul_(s.to(grad_h.dtype))
+            grad_h = grad_h.mul_(s).to(hdtype)
         if need_w:
             grad_w = grad_w.mul_(s).to(wdtype)
         if need_b:
