@@ -31,7 +31,7 @@ class ModelConfig:
     lora_target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     gradient_checkpointing: bool = False
     #: attention kernel: ``eager`` | ``sdpa`` | any name transformers accepts; null = ``eager`` on CPU
-    #: (short sequences: ~0.9 s per step faster here than sdpa, see docs/results/step_time_profile.md), ``sdpa`` elsewhere
+    #: (faster here than sdpa's flash kernel for these short sequences, see docs/results/step_time_profile.md), ``sdpa`` elsewhere
     attn_implementation: Optional[str] = None
     seed: int = 0  # for ``tiny`` models
 
