@@ -84,9 +84,14 @@ class TrainerConfig:
     temperature: float = 1.0  # sampling transform (1 = pure ancestral sampling, what f-DPG assumes)
     top_k: int = 0
     top_p: float = 1.0
-    #: bfloat16 | none: compute dtype of the transformer body (master weights and the head stay fp32).
+    #: bfloat16 | none: compute dtype of the transformer body (master weights stay fp32).
     #: bf16 moves sequence log-probs by ~0.1–0.5 nats (SmolLM2, 40 tokens), so fp32 is the default.
     autocast: str = "none"
+    #: under autocast: false = the output head's GEMMs in bf16 with fp32 logits (each row shifted inside
+    #: the GEMM so that rounding is relative to the distance from its top/target logit; input rounding
+    #: costs ~0.017 nats rms per token on SmolLM2, less than the bf16 body), true = fp32 head GEMMs
+    #: (≈4× slower head on CPU). Ignored without autocast (head fp32).
+    fp32_head: bool = False
     fused_logprobs: bool = True  # fused lm_head → log-prob kernel on the policy forward
     threads: Optional[int] = None  # torch threads (null = all cores)
 

@@ -153,14 +153,16 @@ def _decode(tokenizer, tokens: torch.Tensor, mask: torch.Tensor) -> list[str]:
 def sample(model, tokenizer, contexts: list[str], num_samples: int | list[int], max_new_tokens: int,
            config: SamplingConfig = SamplingConfig(), stop_at_eos: bool = True,
            generator: torch.Generator | None = None, context_index: torch.Tensor | None = None,
-           uniforms: torch.Tensor | None = None, autocast_dtype: torch.dtype | None = None) -> Batch:
+           uniforms: torch.Tensor | None = None, autocast_dtype: torch.dtype | None = None,
+           head_dtype: torch.dtype | None = None) -> Batch:
     """Ancestral samples with KV cache; log q of every token recorded as it is drawn.
 
     ``num_samples`` per context (int or one count per context), or explicit ``context_index``.
     With ``stop_at_eos`` the length is at most ``max_new_tokens``; otherwise exactly that.
     Tokens are drawn by inverse CDF from uniforms U [B, max_new_tokens] (drawn from ``generator``
     unless given), so a sample depends only on its own row of U: splitting a batch across
-    processes or micro-batches gives the same samples.
+    processes or micro-batches gives the same samples. ``autocast_dtype``: the transformer body's
+    compute dtype; ``head_dtype``: the output head's GEMM dtype (see :func:`head_logits`).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
@@ -193,7 +195,8 @@ def sample(model, tokenizer, contexts: list[str], num_samples: int | list[int], 
     ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
     with ctx:
         return _sample_loop(model, tokenizer, contexts, context_index, prompt_ids, prompt_mask, ids, attn, pos, tokens,
-                            mask, token_logq, finished, uniforms, max_new_tokens, config, stop_at_eos, pad_id, eos_id)
+                            mask, token_logq, finished, uniforms, max_new_tokens, config, stop_at_eos, pad_id, eos_id,
+                            head_dtype)
 
 
 def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -222,14 +225,15 @@ def _prefill_unique(backbone, context_index, ids, attn, pos):
 
 
 def _sample_loop(model, tokenizer, contexts, context_index, prompt_ids, prompt_mask, ids, attn, pos, tokens, mask,
-                 token_logq, finished, uniforms, max_new_tokens, config, stop_at_eos, pad_id, eos_id) -> Batch:
+                 token_logq, finished, uniforms, max_new_tokens, config, stop_at_eos, pad_id, eos_id,
+                 head_dtype=None) -> Batch:
     B, device = ids.shape[0], ids.device
     backbone, head = backbone_and_head(model)
     out = _prefill_unique(backbone, context_index, ids, attn, pos)
     last_pos = pos[:, -1:]
     width = max_new_tokens
     for t in range(max_new_tokens):
-        logp = transformed_logprobs(head_logits(head, out.last_hidden_state[:, -1, :]), config)
+        logp = transformed_logprobs(head_logits(head, out.last_hidden_state[:, -1, :], head_dtype), config)
         tok = _draw(logp.exp(), uniforms[:, t])
         live = ~finished
         tokens[:, t] = torch.where(live, tok, torch.full_like(tok, pad_id))
@@ -279,10 +283,16 @@ def make_batch(tokenizer, contexts: list[str], continuations: list[str], context
     return Batch(context_index, list(contexts), prompt_ids, prompt_mask, tokens, mask, None, list(continuations))
 
 
-def head_logits(head, hidden: torch.Tensor) -> torch.Tensor:
+def head_logits(head, hidden: torch.Tensor, head_dtype: torch.dtype | None = None) -> torch.Tensor:
     """fp32 logits of the output head, outside any autocast: the backbone may run in bf16, but the
-    logits (and hence every log-probability the estimator sees) are computed in fp32."""
+    logits (and hence every log-probability the estimator sees) are fp32. ``head_dtype`` (bf16): a
+    plain linear head's GEMMs run in that dtype, shifted per row so that the fp32 logits near the
+    top keep their precision (:mod:`fdiv_align.kernels.low_precision_head`); None = fp32 GEMMs."""
     with torch.autocast(hidden.device.type, enabled=False):
+        if type(head) is torch.nn.Linear and head_dtype not in (None, torch.float32):
+            from .kernels import shifted_head_logits
+
+            return shifted_head_logits(hidden, head.weight, head.bias, head_dtype)
         if type(head) is torch.nn.Linear:
             bias = None if head.bias is None else head.bias.float()
             return torch.nn.functional.linear(hidden.float(), head.weight.float(), bias)
@@ -341,45 +351,48 @@ def _continuation_hidden(model, batch: Batch, padding_side: str, pad_id: int):
 
 
 def weighted_logprob_sum(model, batch: Batch, sequence_weights: torch.Tensor, config: SamplingConfig = SamplingConfig(),
-                         pad_id: int = 0, fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                         pad_id: int = 0, fused: bool = True,
+                         head_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ_i w_i log π(x_i|c_i) as a differentiable scalar, detached [B] log π).
 
     ``fused``: the head's gradients are computed in the forward pass by
     :func:`fdiv_align.kernels.weighted_token_logprob_sum` (the weights are known before the forward,
     as f-DPG's coefficients are), never materialising [tokens × vocab] logits. Needs a plain
     ``nn.Linear`` head and no top-k/top-p (refused otherwise); ``fused=False`` is the plain path.
+    ``head_dtype``: the head's GEMM dtype (see :func:`head_logits`).
     """
     device = next(model.parameters()).device
     m = batch.mask.to(device).bool()
     w = sequence_weights.to(device, torch.float32)
     if not fused:
-        _, seq = score(model, batch, config, pad_id=pad_id)
+        _, seq = score(model, batch, config, pad_id=pad_id, head_dtype=head_dtype)
         return (w * seq).sum(), seq.detach()
-    from .kernels import fused_head_weights, weighted_token_logprob_sum
+    from .kernels import fused_head_weights, head_inputs, weighted_token_logprob_sum
 
     h, head = _continuation_hidden(model, batch, "left", pad_id)
     weight, bias = fused_head_weights(head, config)
+    h, weight = head_inputs(h, weight, head_dtype)
     token_w = torch.where(m, w[:, None].expand_as(m), torch.zeros((), device=device))
-    with torch.autocast(device.type, enabled=False):  # fp32 head, like head_logits
-        total, tok_lp = weighted_token_logprob_sum(h.float(), weight.float() if weight.dtype != torch.float32 else weight,
-                                                   batch.tokens.to(device), token_w, config.temperature,
+    with torch.autocast(device.type, enabled=False):  # the head's own precision, like head_logits
+        total, tok_lp = weighted_token_logprob_sum(h, weight, batch.tokens.to(device), token_w, config.temperature,
                                                    bias=None if bias is None else bias.float())
     return total, torch.where(m, tok_lp, torch.zeros_like(tok_lp)).sum(-1)
 
 
 def score(model, batch: Batch, config: SamplingConfig = SamplingConfig(), padding_side: str = "left",
-          pad_id: int = 0, logprob_fn=None) -> tuple[torch.Tensor, torch.Tensor]:
+          pad_id: int = 0, logprob_fn=None, head_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """log π(x_t | c, x_<t) for the continuation tokens: ([B, T] per token, 0 at padding; [B] sums).
 
     Runs under the caller's grad mode (wrap in ``torch.no_grad()`` for evaluation). Only the hidden
     states that predict continuation tokens go through the head. ``logprob_fn(hidden, head, targets,
-    config)`` replaces the head+log-softmax+gather step (the fused kernel plugs in here).
+    config)`` replaces the head+log-softmax+gather step (the fused kernel plugs in here);
+    ``head_dtype`` is the unfused head's GEMM dtype (see :func:`head_logits`).
     """
     device = next(model.parameters()).device
     h, head = _continuation_hidden(model, batch, padding_side, pad_id)  # [B, T, H]
     targets = batch.tokens.to(device)
     if logprob_fn is None:
-        logp = transformed_logprobs(head_logits(head, h), config)
+        logp = transformed_logprobs(head_logits(head, h, head_dtype), config)
         tok_lp = logp.gather(-1, targets[..., None]).squeeze(-1)
     else:
         tok_lp = logprob_fn(h.float(), head, targets, config)

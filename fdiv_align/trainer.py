@@ -119,6 +119,8 @@ class Trainer:
         self._offpolicy_acc = {"pi": [], "q": []}
         self.proposal_updates = 0
         self.autocast_dtype = None if tc.autocast == "none" else torch.bfloat16
+        # the output head's GEMM dtype (None = fp32); fp32 logits either way (kernels/low_precision_head.py)
+        self.head_dtype = None if tc.fp32_head else self.autocast_dtype
         if self.use_lora:
             install_fast_lora_forward(self.model)  # same sum as PEFT's forward in two ops (fast_lora.py)
         if self.autocast_dtype is not None and self.use_lora:
@@ -144,6 +146,7 @@ class Trainer:
             (tc.schedule in ("constant", "linear"), f"trainer.schedule must be 'constant' or 'linear', got {tc.schedule!r}"),
             (tc.optimizer in ("adamw", "adamw8bit"), f"trainer.optimizer must be 'adamw' or 'adamw8bit', got {tc.optimizer!r}"),
             (tc.autocast in ("bfloat16", "none"), f"trainer.autocast must be 'bfloat16' or 'none', got {tc.autocast!r}"),
+            (isinstance(tc.fp32_head, bool), f"trainer.fp32_head must be true or false, got {tc.fp32_head!r}"),
             (tc.eval_every >= 0 and tc.checkpoint_every >= 0, "trainer.eval_every and checkpoint_every must be ≥ 0"),
             (tc.proposal_update_every >= 1, f"trainer.proposal_update_every must be ≥ 1, got {tc.proposal_update_every}"),
         ]
@@ -255,7 +258,7 @@ class Trainer:
     def _make_logprob_fn(self):
         from .kernels import head_logprob_fn
 
-        return head_logprob_fn(allow_fallback=False)
+        return head_logprob_fn(allow_fallback=False, head_dtype=self.head_dtype)
 
     # ------------------------------------------------------------------ model passes
     def _autocast(self):
@@ -287,15 +290,18 @@ class Trainer:
         with self._autocast():
             if self.use_lora:
                 with self.model.disable_adapter():
-                    lp = score(self.model, batch, SamplingConfig(), pad_id=self.tokenizer.pad_token_id, logprob_fn=self.logprob_fn)[1]
+                    lp = score(self.model, batch, SamplingConfig(), pad_id=self.tokenizer.pad_token_id, logprob_fn=self.logprob_fn,
+                               head_dtype=self.head_dtype)[1]
             else:
-                lp = score(self.reference, batch, SamplingConfig(), pad_id=self.tokenizer.pad_token_id, logprob_fn=self.logprob_fn)[1]
+                lp = score(self.reference, batch, SamplingConfig(), pad_id=self.tokenizer.pad_token_id, logprob_fn=self.logprob_fn,
+                           head_dtype=self.head_dtype)[1]
         return lp.double().cpu()
 
     def policy_logprobs(self, batch: Batch) -> torch.Tensor:
         """[N] log πθ(x|c) under the sampling transform; carries the graph in grad mode."""
         with self._autocast():
-            return score(self.model, batch, self.sampling, pad_id=self.tokenizer.pad_token_id, logprob_fn=self.logprob_fn)[1].float()
+            return score(self.model, batch, self.sampling, pad_id=self.tokenizer.pad_token_id, logprob_fn=self.logprob_fn,
+                         head_dtype=self.head_dtype)[1].float()
 
     def _floored_log_P(self, scores) -> torch.Tensor:
         """log P for the loss. With ``divergence.log_p_floor`` set, the floor applies to the scorers'
@@ -311,7 +317,8 @@ class Trainer:
         """The surrogate −Σ_i coefficient_i · log πθ(x_i) / N for (a micro-batch of) the step's samples."""
         with self._autocast():
             total, _ = weighted_logprob_sum(self.model, batch, -coefficients / n_total, self.sampling,
-                                            pad_id=self.tokenizer.pad_token_id, fused=self.cfg.trainer.fused_logprobs)
+                                            pad_id=self.tokenizer.pad_token_id, fused=self.cfg.trainer.fused_logprobs,
+                                            head_dtype=self.head_dtype)
         return total
 
     def _sample(self, context_index: torch.Tensor, uniforms: torch.Tensor, proposal: bool = True) -> Batch:
@@ -319,7 +326,7 @@ class Trainer:
         with torch.no_grad(), (self._proposal_weights() if proposal else contextlib.nullcontext()):
             return sample(self.model, self.tokenizer, self.contexts, 0, self.max_new_tokens, self.sampling,
                           self.cfg.trainer.stop_at_eos, context_index=context_index, uniforms=uniforms,
-                          autocast_dtype=self.autocast_dtype)
+                          autocast_dtype=self.autocast_dtype, head_dtype=self.head_dtype)
 
     # ------------------------------------------------------------------ distributed helpers
     def _shard(self, n: int) -> slice:

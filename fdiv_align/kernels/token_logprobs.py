@@ -21,7 +21,9 @@ grad_W[tile] = ∂zᵀ h / τ and grad_b[tile] = Σ ∂z / τ — each row of gr
 token chunks would read and rewrite all of grad_W [V, H] once per chunk. For recomputed tokens that
 is 4 matmuls (the logits twice), against 3 for the materialising version: the price of not storing
 [N, V]; the kept tokens cost 3.
-Matmuls take the input dtype (fp32 or bf16) with fp32 accumulation of the softmax math; gradients
+Matmuls take the input dtype (fp32 or bf16) with fp32 accumulation of the softmax math; bf16/fp16
+logits are shifted by each row's target logit inside the GEMM (:mod:`.low_precision_head`), so
+their output rounding is relative to the distance from it rather than to |z|; gradients
 of W and b are accumulated in fp32 and cast back at the end. The chunk math (max, exp, sums,
 gathers, the softmax gradient) is compiled with ``torch.compile`` (dynamic shapes, so a short last
 chunk or a new N does not recompile) while the matmuls go straight to BLAS; ``compile=False`` gives
@@ -36,6 +38,8 @@ scalar in backward.
 from __future__ import annotations
 
 import torch
+
+from .low_precision_head import shifted_matmul, target_shift
 
 __all__ = ["token_logprobs", "reference_token_logprobs", "weighted_token_logprob_sum", "default_chunk_size",
            "default_vocab_tile", "compile_count"]
@@ -106,12 +110,21 @@ def _get(fn, compile: bool):
     return _COMPILED[key]
 
 
-def _logits(h, w_in, b, inv_temp, buf=None):
+def _row_shift(h, w_in, targets):
+    """The per-row shift of low-precision (bf16/fp16) GEMMs (see :mod:`.low_precision_head`): each
+    row's target logit, so that output rounding is relative to the distance from it; None for fp32/fp64."""
+    return target_shift(h, w_in, targets) if h.dtype in (torch.bfloat16, torch.float16) else None
+
+
+def _logits(h, w_in, b, inv_temp, buf=None, shift=None):
     """fp32 (h Wᵀ + b)/τ for one block; written into ``buf`` (a reused fp32 buffer) when the inputs
-    are fp32, otherwise a new tensor; bias and temperature applied in place."""
+    are fp32, otherwise a new tensor (low-precision inputs: shifted by ``shift`` inside the GEMM);
+    bias and temperature applied in place."""
     if buf is not None and h.dtype == torch.float32:
         z = buf[:h.shape[0], :w_in.shape[0]]
         torch.matmul(h, w_in.t(), out=z)
+    elif shift is not None:
+        z = shifted_matmul(h, w_in, shift)
     else:
         z = torch.matmul(h, w_in.t())
         z = z.float() if z.dtype != torch.float32 else z
@@ -188,12 +201,13 @@ class _TokenLogprobs(torch.autograd.Function):
         inv_temp = 1.0 / temperature
         stats = _get(_chunk_stats, compile)
         w_in = weight.to(hidden.dtype)
+        shift = _row_shift(hidden, w_in, targets)
         keep = min(n, saved_logits_budget // vocab) if any(ctx.needs_input_grad[:3]) else 0
         split = n - keep  # tokens [0, split) are recomputed in backward, [split, n) kept
         lps, lses, means, kept = [], [], [], []
 
         def chunk(s, e, buf):
-            z = _logits(hidden[s:e], w_in, bias, inv_temp, buf)
+            z = _logits(hidden[s:e], w_in, bias, inv_temp, buf, _view(shift, slice(s, e)))
             lp, lse, mean_z = stats(z, targets[s:e], want_entropy)
             lps.append(lp)
             lses.append(lse)
@@ -210,7 +224,7 @@ class _TokenLogprobs(torch.autograd.Function):
         mean_z = torch.cat(means) if want_entropy else lse.new_zeros(0)
         ent = lse - mean_z if want_entropy else lse.new_zeros(0)
         ctx.save_for_backward(hidden, weight, bias if bias is not None else torch.empty(0), targets, lse, mean_z)
-        ctx.kept, ctx.split = kept, split  # intermediates (neither inputs nor outputs): held on ctx
+        ctx.kept, ctx.split, ctx.shift = kept, split, shift  # intermediates (neither inputs nor outputs): held on ctx
         ctx.has_bias, ctx.inv_temp, ctx.vocab_tile, ctx.want_entropy, ctx.compile = bias is not None, inv_temp, vocab_tile, want_entropy, compile
         ctx.mark_non_differentiable(lse)
         return lp, ent, lse
@@ -240,6 +254,9 @@ class _TokenLogprobs(torch.autograd.Function):
             _accumulate(z, hidden[sl], w_in, _view(grad_h, sl), grad_w, grad_b, ctx.inv_temp)
             del z
         split = ctx.split
+        # low precision: recompute with the forward's shift, so that the recomputed logits round as the
+        # forward's did and p = exp(z − lse) stays normalised
+        shift = ctx.shift
         rows = max(1, min(split, BACKWARD_ROW_BLOCK))
         tile = ctx.vocab_tile or default_vocab_tile(rows, vocab)
         buf = _buffer(hidden, rows, min(tile, vocab)) if split else None
@@ -247,7 +264,7 @@ class _TokenLogprobs(torch.autograd.Function):
             rs = slice(r, min(r + rows, split))
             for j in range(0, vocab, tile):
                 cols = slice(j, j + tile)
-                z = _logits(hidden[rs], w_in[cols], _view(bias, cols), ctx.inv_temp, buf)
+                z = _logits(hidden[rs], w_in[cols], _view(bias, cols), ctx.inv_temp, buf, _view(shift, rs))
                 dfn(z, targets[rs] - j, lse[rs], g_lp[rs], g_ent[rs], mean_z[rs], want_e)
                 _accumulate(z, hidden[rs], w_in[cols], _view(grad_h, rs), _view(grad_w, cols), _view(grad_b, cols),
                             ctx.inv_temp)
@@ -323,11 +340,12 @@ class _WeightedSum(torch.autograd.Function):
         grad_h, grad_w, grad_b = _grad_buffers(hidden, weight, need_h, need_w, need_b)
         wts = token_weights.float()
         w_in = weight.to(hidden.dtype)
+        shift = _row_shift(hidden, w_in, targets)
         buf = _buffer(hidden, min(chunk_size, n), weight.shape[0])
         lps = []
         for s in range(0, n, chunk_size):
             sl = slice(s, s + chunk_size)
-            z = _logits(hidden[sl], w_in, bias, inv_temp, buf)
+            z = _logits(hidden[sl], w_in, bias, inv_temp, buf, _view(shift, sl))
             lps.append(fused(z, targets[sl], wts[sl]))  # z now holds ∂z
             _accumulate(z, hidden[sl], w_in, _view(grad_h, sl), grad_w, grad_b, inv_temp)
         del buf
