@@ -34,6 +34,9 @@ class ModelConfig:
     #: (faster here than sdpa's flash kernel for these short sequences, see docs/results/step_time_profile.md), ``sdpa`` elsewhere
     attn_implementation: Optional[str] = None
     seed: int = 0  # for ``tiny`` models
+    #: where the model runs: null = ``cuda`` when a GPU is visible, else ``cpu``; or any torch device
+    #: string (``cpu``, ``cuda``, ``cuda:1``). Log-space math and the estimators stay on the CPU in fp64.
+    device: Optional[str] = None
 
 
 @dataclass

@@ -93,6 +93,26 @@ def embedded_model_dir(name: str = "smollm2-135m") -> Path:
     return target
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` → ``cuda`` when a GPU is visible, else ``cpu``; otherwise the named device, checked:
+    a malformed name or an unavailable CUDA device is an error naming it."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"model.device: {device!r} is not a torch device (expected e.g. 'cpu', 'cuda', 'cuda:1')") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"model.device={device!r} but no CUDA GPU is visible (torch {torch.__version__}); "
+                             "use model.device=cpu or leave it null")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"model.device={device!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif dev.type != "cpu":
+        raise ValueError(f"model.device={device!r}: only 'cpu' and 'cuda[:i]' are supported")
+    return dev
+
+
 def load_model(name_or_path: str, dtype="float32", quantization: str | None = None,
                device: str | torch.device = "cpu") -> LoadedModel:
     """Load a causal LM and its tokenizer.

@@ -41,7 +41,7 @@ from .estimators import estimate_divergences
 from .fast_lora import install_fast_lora_forward
 from .loss import FDivergenceLoss
 from .metrics import MetricsLogger, distinct_n, self_bleu
-from .models import LoadedModel, load_model, tiny_model
+from .models import LoadedModel, load_model, resolve_device, tiny_model
 from .sampling import Batch, SamplingConfig, sample, score, weighted_logprob_sum
 from .targets import BaseLM, load_contexts
 from .targets.tasks import Task, get_task
@@ -87,7 +87,9 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.callbacks = list(callbacks)
 
+        self.device = resolve_device(cfg.model.device)
         self.lm = lm if lm is not None else self._load_model()
+        self._move_to_device(self.lm.model)
         self.tokenizer = self.lm.tokenizer
         self._set_attention(self.lm.model)
         self.model, self.use_lora = self._maybe_lora(self.lm.model)
@@ -170,7 +172,20 @@ class Trainer:
         m = self.cfg.model
         if m.name == "tiny":
             return tiny_model(seed=m.seed, dtype=m.dtype)
-        return load_model(m.name, dtype=m.dtype, quantization=m.quantization)
+        return load_model(m.name, dtype=m.dtype, quantization=m.quantization, device=self.device)
+
+    def _move_to_device(self, model) -> None:
+        """Put the model on ``self.device`` (``model.device``); a quantised model must already be there
+        (bitsandbytes weights cannot move), else a clear error."""
+        where = {p.device for p in model.parameters()}
+        if where == {self.device} or (self.device.type == "cuda" and self.device.index is None
+                                      and {d.type for d in where} == {"cuda"}):
+            return
+        if getattr(model, "is_quantized", False) or getattr(model, "is_loaded_in_4bit", False) \
+                or getattr(model, "is_loaded_in_8bit", False):
+            raise ValueError(f"the quantised model is on {sorted(map(str, where))} but model.device resolves to "
+                             f"{self.device}; load it there (load_model(..., device=...))")
+        model.to(self.device)
 
     def _maybe_lora(self, model):
         m = self.cfg.model

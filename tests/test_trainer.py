@@ -16,7 +16,6 @@ from fdiv_align.models import tiny_model
 from fdiv_align.toy import enumerable_lm, enumeration_batch, exact_trainer_divergences
 from fdiv_align.trainer import Trainer
 from trainer_helpers import tiny_cfg, toy_task
-from wandb_reader import history
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -183,6 +182,8 @@ def test_jsonl_samples_and_wandb_offline(tmp_path):
     assert samples and {"step", "text", "context", "alignment"} <= set(samples[0])
     runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1
+    from wandb_reader import history  # wandb only where this test runs
+
     rows = history(runs[0])
     assert [r["_step"] for r in rows] == list(range(0, 7))  # one history row per training step
     by_step = {r["_step"]: r for r in rows}
@@ -261,3 +262,18 @@ def test_two_processes_equal_one(tmp_path):
     m1 = [json.loads(l) for l in (tmp_path / "np1" / "metrics.jsonl").read_text().splitlines()]
     m2 = [json.loads(l) for l in (tmp_path / "np2" / "metrics.jsonl").read_text().splitlines()]
     assert [r["alignment"] for r in m1] == pytest.approx([r["alignment"] for r in m2])
+
+
+def test_model_device_is_resolved_and_checked(tmp_path):
+    from fdiv_align.models import resolve_device
+
+    assert resolve_device(None) == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    for bad, msg in (("meta", "only 'cpu' and 'cuda"), ("not a device", "is not a torch device")):
+        with pytest.raises(ValueError, match=msg):
+            resolve_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU is visible"):
+            Trainer(tiny_cfg(model={"device": "cuda"}), lm=tiny_model(seed=1), output_dir=tmp_path)
+    tr = Trainer(tiny_cfg(model={"device": "cpu"}), lm=tiny_model(seed=1), output_dir=tmp_path)
+    assert tr.device == torch.device("cpu") and {p.device.type for p in tr.model.parameters()} == {"cpu"}
