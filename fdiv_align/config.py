@@ -30,8 +30,9 @@ class ModelConfig:
     lora_dropout: float = 0.0
     lora_target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     gradient_checkpointing: bool = False
-    #: attention kernel: ``eager`` | ``sdpa`` | any name transformers accepts; null = ``eager`` on CPU
-    #: (faster here than sdpa's flash kernel for these short sequences, see docs/results/step_time_profile.md), ``sdpa`` elsewhere
+    #: attention kernel: ``fdiv_grouped_eager`` (eager without repeat_kv copies, fdiv_align/attention.py) |
+    #: ``eager`` | ``sdpa`` | any name transformers accepts; null = ``fdiv_grouped_eager`` on CPU (eager is
+    #: faster here than sdpa's flash kernel for these short sequences, see docs/results/step_time_profile.md), ``sdpa`` elsewhere
     attn_implementation: Optional[str] = None
     seed: int = 0  # for ``tiny`` models
     #: where the model runs: null = ``cuda`` when a GPU is visible, else ``cpu``; or any torch device

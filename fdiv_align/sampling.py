@@ -199,11 +199,42 @@ def sample(model, tokenizer, contexts: list[str], num_samples: int | list[int], 
                             head_dtype)
 
 
-def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF draw: the first token whose cumulative mass exceeds u·total (zero-mass tokens
-    are never drawn)."""
-    cdf = probs.double().cumsum(-1)
-    return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1).clamp_max(probs.shape[-1] - 1)
+DRAW_BLOCK = 256  # tokens per block of the two-level inverse CDF
+
+
+def _draw(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw from non-negative, not necessarily normalised weights [B, V]: the first token
+    whose cumulative mass exceeds u·total (zero-mass tokens are never drawn). Two levels: fp32 block
+    sums and their fp64 cumulative sum pick the block, a cumulative sum inside that block alone
+    picks the token — the same draw as one cumulative sum over the row up to the rounding of the
+    fp32 block sums (≤ 256·2⁻²⁴ of a block's mass: u moves by less than 2·10⁻⁵ of it), without a
+    sequential pass over all V or an fp64 copy of the row."""
+    B, V = weights.shape
+    pad = (-V) % DRAW_BLOCK
+    blocks = (torch.nn.functional.pad(weights, (0, pad)) if pad else weights).view(B, -1, DRAW_BLOCK)
+    block_cdf = blocks.sum(-1).double().cumsum(-1)  # [B, V / block]
+    target = u.to(torch.float64) * block_cdf[:, -1]
+    j = torch.searchsorted(block_cdf, target[:, None], right=True).clamp_max(blocks.shape[1] - 1)  # [B, 1]
+    before = torch.where(j > 0, block_cdf.gather(1, (j - 1).clamp_min(0)), torch.zeros_like(target[:, None]))
+    inner = blocks.gather(1, j[..., None].expand(B, 1, DRAW_BLOCK)).squeeze(1).double().cumsum(-1)  # [B, block]
+    k = torch.searchsorted(inner, target[:, None] - before, right=True)
+    last_positive = (inner < inner[:, -1:]).sum(-1, keepdim=True)  # fp64 rounding must not pick a zero-mass tail
+    return (j * DRAW_BLOCK + torch.minimum(k, last_positive)).squeeze(1)
+
+
+def _draw_step(logits: torch.Tensor, u: torch.Tensor, config: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token [B], its log q [B]) of one decoding step from fp32 logits [B, V] (overwritten). With
+    temperature only, q = softmax(z/τ) is never normalised as a whole: the draw takes the weights
+    exp(z/τ − max) and log q(token) = z_token/τ − max − log Σ exp(z/τ − max). Top-k/top-p go through
+    :func:`transformed_logprobs`."""
+    if config.top_k or config.top_p < 1.0:
+        logp = transformed_logprobs(logits, config)
+        tok = _draw(logp.exp(), u)
+        return tok, logp.gather(1, tok[:, None]).squeeze(1)
+    z = logits if config.temperature == 1.0 else logits.mul_(1.0 / config.temperature)
+    z = z.sub_(z.amax(-1, keepdim=True)).exp_()  # in place: weights exp(z − max), the largest 1
+    tok = _draw(z, u)
+    return tok, torch.log(z.gather(1, tok[:, None]).squeeze(1)) - torch.log(z.sum(-1))
 
 
 def _prefill_unique(backbone, context_index, ids, attn, pos):
@@ -232,12 +263,13 @@ def _sample_loop(model, tokenizer, contexts, context_index, prompt_ids, prompt_m
     out = _prefill_unique(backbone, context_index, ids, attn, pos)
     last_pos = pos[:, -1:]
     width = max_new_tokens
+    buffers = {}  # the head's [B, V] outputs, reused by every step
     for t in range(max_new_tokens):
-        logp = transformed_logprobs(head_logits(head, out.last_hidden_state[:, -1, :], head_dtype), config)
-        tok = _draw(logp.exp(), uniforms[:, t])
+        tok, tok_logq = _draw_step(head_logits(head, out.last_hidden_state[:, -1, :], head_dtype, buffers),
+                                   uniforms[:, t], config)
         live = ~finished
         tokens[:, t] = torch.where(live, tok, torch.full_like(tok, pad_id))
-        token_logq[:, t] = torch.where(live, logp.gather(1, tok[:, None]).squeeze(1), torch.zeros_like(token_logq[:, t]))
+        token_logq[:, t] = torch.where(live, tok_logq, torch.zeros_like(token_logq[:, t]))
         mask[:, t] = live.long()
         if stop_at_eos and eos_id is not None:
             finished = finished | (tok == eos_id)
@@ -283,16 +315,18 @@ def make_batch(tokenizer, contexts: list[str], continuations: list[str], context
     return Batch(context_index, list(contexts), prompt_ids, prompt_mask, tokens, mask, None, list(continuations))
 
 
-def head_logits(head, hidden: torch.Tensor, head_dtype: torch.dtype | None = None) -> torch.Tensor:
+def head_logits(head, hidden: torch.Tensor, head_dtype: torch.dtype | None = None,
+                buffers: dict | None = None) -> torch.Tensor:
     """fp32 logits of the output head, outside any autocast: the backbone may run in bf16, but the
     logits (and hence every log-probability the estimator sees) are fp32. ``head_dtype`` (bf16): a
     plain linear head's GEMMs run in that dtype, shifted per row so that the fp32 logits near the
-    top keep their precision (:mod:`fdiv_align.kernels.low_precision_head`); None = fp32 GEMMs."""
+    top keep their precision (:mod:`fdiv_align.kernels.low_precision_head`); None = fp32 GEMMs.
+    ``buffers``: reused output memory for repeated calls of one shape (the decoding loop)."""
     with torch.autocast(hidden.device.type, enabled=False):
         if type(head) is torch.nn.Linear and head_dtype not in (None, torch.float32):
             from .kernels import shifted_head_logits
 
-            return shifted_head_logits(hidden, head.weight, head.bias, head_dtype)
+            return shifted_head_logits(hidden, head.weight, head.bias, head_dtype, buffers)
         if type(head) is torch.nn.Linear:
             bias = None if head.bias is None else head.bias.float()
             return torch.nn.functional.linear(hidden.float(), head.weight.float(), bias)

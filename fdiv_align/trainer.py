@@ -41,6 +41,7 @@ from .estimators import estimate_divergences
 from .fast_lora import install_fast_lora_forward
 from .loss import FDivergenceLoss
 from .metrics import MetricsLogger, distinct_n, self_bleu
+from .attention import register_grouped_eager
 from .models import LoadedModel, load_model, resolve_device, tiny_model
 from .sampling import Batch, SamplingConfig, sample, score, weighted_logprob_sum
 from .targets import BaseLM, load_contexts
@@ -212,11 +213,13 @@ class Trainer:
         return model, use_lora
 
     def _set_attention(self, model) -> None:
-        """Apply ``model.attn_implementation`` (null: ``eager`` on CPU, where for these short sequences
-        it beats sdpa's flash kernel — docs/results/step_time_profile.md — and ``sdpa`` elsewhere)."""
+        """Apply ``model.attn_implementation`` (null: ``fdiv_grouped_eager`` on CPU — eager attention
+        without repeat_kv copies (fdiv_align/attention.py); for these short sequences eager beats sdpa's
+        flash kernel here, docs/results/step_time_profile.md — and ``sdpa`` elsewhere)."""
         wanted = self.cfg.model.attn_implementation
+        grouped = register_grouped_eager()
         if wanted is None:
-            wanted = "eager" if next(model.parameters()).device.type == "cpu" else "sdpa"
+            wanted = grouped if next(model.parameters()).device.type == "cpu" else "sdpa"
         if getattr(model.config, "_attn_implementation", None) == wanted:
             return
         try:

@@ -85,7 +85,7 @@ def test_adapter_input_cast_skip_is_exact(tmp_path):
 
 def test_attention_implementation_is_applied_and_checked(tmp_path):
     tr = Trainer(tiny_cfg(), lm=tiny_model(seed=5), output_dir=tmp_path / "a")
-    assert tr.model.config._attn_implementation == "eager"  # the CPU default
+    assert tr.model.config._attn_implementation == "fdiv_grouped_eager"  # the CPU default
     tr = Trainer(tiny_cfg(model={"attn_implementation": "sdpa"}), lm=tiny_model(seed=5), output_dir=tmp_path / "b")
     assert tr.model.config._attn_implementation == "sdpa"
     with pytest.raises(ValueError, match="attn_implementation='no_such_kernel'"):

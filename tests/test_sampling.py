@@ -94,3 +94,34 @@ def test_scoring_given_texts(lm):
         manual = sum(float(logp[i - 1, ids[0, i]]) for i in range(3, ids.shape[1]))
     assert abs(float(seq[0]) - manual) < 1e-5
     assert batch.mask.sum(-1).tolist() == [4, 2]
+
+
+@pytest.mark.parametrize("V", [5, 256, 1000, 49152])
+def test_two_level_draw_is_the_inverse_cdf(V):
+    """_draw (block sums, then one block) picks the same token as one fp64 cumulative sum over the
+    row, for u anywhere in [0, 1) — block boundaries included — up to fp32 block-sum rounding, and
+    never a zero-mass token."""
+    from fdiv_align.sampling import DRAW_BLOCK, _draw
+
+    g = torch.Generator().manual_seed(V)
+    B = 64
+    w = torch.rand(B, V, generator=g) ** 4
+    w[w < 0.3] = 0.0  # zero-mass tokens, also at block ends
+    w[:, V // 2] += 0.5  # every row has some mass
+    w[:, -1] = 0.0
+    w[:, 0] = torch.where(torch.arange(B) % 2 == 0, w[:, 0], torch.zeros(B))
+    cdf = w.double().cumsum(-1)
+    total = cdf[:, -1:]
+    nb = -(-V // DRAW_BLOCK)
+    # uniforms at random, plus exactly at (and just around) every block boundary's cumulative mass
+    bounds = cdf[:, [min(V, (b + 1) * DRAW_BLOCK) - 1 for b in range(nb)]] / total
+    u = torch.cat([torch.rand(B, 32, generator=g, dtype=torch.float64), bounds, (bounds - 1e-12).clamp_min(0),
+                   torch.zeros(B, 1, dtype=torch.float64)], 1).clamp_max(1 - 1e-16)
+    for col in range(u.shape[1]):
+        got = _draw(w, u[:, col])
+        want = torch.searchsorted(cdf, (u[:, col:col + 1] * total), right=True).squeeze(1).clamp_max(V - 1)
+        assert bool((w.gather(1, got[:, None]) > 0).all())
+        # identical except where u·total lies within the fp32 block sums' rounding (≤ 256·2⁻²⁴ of the
+        # mass summed) of a cumulative sum
+        close = (cdf.gather(1, torch.minimum(got, want)[:, None]) - u[:, col:col + 1] * total).abs() <= 256 * 2**-24 * total
+        assert bool(((got == want) | close.squeeze(1)).all()), col

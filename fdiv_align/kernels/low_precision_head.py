@@ -46,7 +46,7 @@ def shifted_matmul(h: torch.Tensor, w: torch.Tensor, shift: torch.Tensor) -> tor
     inputs' dtype (``shift`` [N], same dtype, subtracted on the fp32 accumulator); shift is added
     back in fp32."""
     z = torch.addmm(-shift[:, None], h, w.t())
-    return z.float().add_(shift.float()[:, None])
+    return torch.add(z, shift.float()[:, None])  # fp32 by type promotion: one pass
 
 
 def target_shift(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -56,14 +56,26 @@ def target_shift(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor) -> tor
 
 
 def shifted_head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                        dtype: torch.dtype) -> torch.Tensor:
+                        dtype: torch.dtype, buffers: dict | None = None) -> torch.Tensor:
     """fp32 logits [..., V] of a linear head computed with ``dtype`` GEMMs, shifted by each row's
-    maximum (found by a first plain GEMM): for sampling, where no target is known."""
+    maximum (found by a first plain GEMM): for sampling, where no target is known. ``buffers`` (a
+    dict the caller keeps across calls of one shape, e.g. the decoding steps) holds the [rows, V]
+    outputs so that each step writes into memory already mapped instead of allocating ~6 MB twice
+    (fresh large allocations page-fault on every first touch: several ms per step on CPU); the
+    returned logits then live in that buffer until the next call."""
     lead = hidden.shape[:-1]
     h = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
     w = low_precision_weight(weight, dtype)
-    shift = torch.matmul(h, w.t()).amax(-1)  # a bf16 number per row, near the top logit
-    z = shifted_matmul(h, w, shift)
+    shape = (h.shape[0], w.shape[0])
+    if buffers is None:
+        buffers = {}
+    low, z = buffers.get("low"), buffers.get("fp32")
+    if low is None or low.shape != shape or low.dtype != dtype or low.device != h.device:
+        low = buffers["low"] = torch.empty(shape, dtype=dtype, device=h.device)
+        z = buffers["fp32"] = torch.empty(shape, dtype=torch.float32, device=h.device)
+    shift = torch.matmul(h, w.t(), out=low).amax(-1)  # a bf16 number per row, near the top logit
+    torch.addmm(-shift[:, None], h, w.t(), out=low)  # round(h wᵀ − shift), subtracted on the fp32 accumulator
+    z.copy_(low).add_(shift.float()[:, None])
     if bias is not None:
         z.add_(bias.float())
     return z.reshape(*lead, w.shape[0])
