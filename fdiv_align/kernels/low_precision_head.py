@@ -13,9 +13,9 @@ exact (for an unlikely target, z_y far below the top, the log-sum-exp's error gr
 a bf16 number (so −c_i enters the GEMM exactly): the target logit when the target is known (scoring,
 the update: c_i = bf16(h_i · W_{y_i}), exact products of bf16 inputs summed in fp32), else the row
 maximum of a first, plain bf16 GEMM (sampling: two GEMMs, still ~2× cheaper than one fp32 GEMM on
-CPU). What remains is the rounding of the *inputs* h and W to bf16 (measured on SmolLM2-135M: rms
-0.017 nats per token log-prob, against 0.024 for the bf16 transformer body; see
-docs/results/step_time_profile.md).
+CPU). What remains is the rounding of the *inputs* h and W to bf16 (`python
+benchmarks/head_precision.py`, SmolLM2-135M: rms 0.011 nats per token log-prob, against 0.029 for a
+plain bf16 head GEMM and 0.026 for the bf16 transformer body).
 """
 
 from __future__ import annotations
