@@ -94,8 +94,7 @@ class TrainerConfig:
     #: under autocast: false = the output head's GEMMs in bf16 with fp32 logits (each row shifted inside
     #: the GEMM so that rounding is relative to the distance from its top/target logit; input rounding
     #: costs ~0.011 nats rms per token on SmolLM2, less than the bf16 body's 0.026 — benchmarks/head_precision.py),
-    #: true = fp32 head GEMMs
-    #: (≈4× slower head on CPU). Ignored without autocast (head fp32).
+    #: true = fp32 head GEMMs (≈4× slower head on CPU). Ignored without autocast (head fp32).
     fp32_head: bool = False
     fused_logprobs: bool = True  # fused lm_head → log-prob kernel on the policy forward
     threads: Optional[int] = None  # torch threads (null = all cores)
