@@ -1,6 +1,6 @@
 """Grouped eager attention (fdiv_align/attention.py) computes transformers' eager attention: the
 same logits for left-padded batches, with and without a KV cache (decoding), in fp32 to round-off
-and under bf16 autocast no further from the fp32 result than eager itself (+ bf16 slack)."""
+and under bf16 autocast no further from the fp32 result than eager itself."""
 
 import copy
 
@@ -64,7 +64,8 @@ def test_bf16_no_worse_than_eager():
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 out = m(input_ids=ids, attention_mask=attn, position_ids=pos).logits.double()
             errs[name] = float((out - ref)[attn.bool()].pow(2).mean().sqrt())
-    assert errs["grouped"] <= errs["eager"] * 1.1 + 1e-3, errs
+    # same products and softmax; only a BLAS accumulation order may differ, hence 10 % on the rms
+    assert errs["eager"] > 0 and errs["grouped"] <= errs["eager"] * 1.1, errs
 
 
 def test_boolean_mask_and_gradients_match_eager():
