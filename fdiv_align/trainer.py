@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .attention import register_grouped_eager
 from .checkpoint import load_latest, save_checkpoint
 from .config import Config, to_dict
 from .divergences import get_divergence
@@ -41,7 +42,6 @@ from .estimators import estimate_divergences
 from .fast_lora import install_fast_lora_forward
 from .loss import FDivergenceLoss
 from .metrics import MetricsLogger, distinct_n, self_bleu
-from .attention import register_grouped_eager
 from .models import LoadedModel, load_model, resolve_device, tiny_model
 from .sampling import Batch, SamplingConfig, sample, score, weighted_logprob_sum
 from .targets import BaseLM, load_contexts

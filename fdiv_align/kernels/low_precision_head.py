@@ -41,12 +41,15 @@ def low_precision_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tens
     return cached[1]
 
 
-def shifted_matmul(h: torch.Tensor, w: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+def shifted_matmul(h: torch.Tensor, w: torch.Tensor, shift: torch.Tensor, low_out: torch.Tensor | None = None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 h wᵀ for low-precision h [N, H], w [V, H]: the GEMM returns round(h wᵀ − shift) in the
     inputs' dtype (``shift`` [N], same dtype, subtracted on the fp32 accumulator); shift is added
-    back in fp32."""
-    z = torch.addmm(-shift[:, None], h, w.t())
-    return torch.add(z, shift.float()[:, None])  # fp32 by type promotion: one pass
+    back in fp32. ``low_out``/``out``: optional [N, V] buffers (inputs' dtype / fp32) to write into."""
+    z = torch.addmm(-shift[:, None], h, w.t(), out=low_out)
+    if out is None:
+        return torch.add(z, shift.float()[:, None])  # fp32 by type promotion: one pass
+    return out.copy_(z).add_(shift.float()[:, None])
 
 
 def target_shift(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -74,8 +77,7 @@ def shifted_head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
         low = buffers["low"] = torch.empty(shape, dtype=dtype, device=h.device)
         z = buffers["fp32"] = torch.empty(shape, dtype=torch.float32, device=h.device)
     shift = torch.matmul(h, w.t(), out=low).amax(-1)  # a bf16 number per row, near the top logit
-    torch.addmm(-shift[:, None], h, w.t(), out=low)  # round(h wᵀ − shift), subtracted on the fp32 accumulator
-    z.copy_(low).add_(shift.float()[:, None])
+    shifted_matmul(h, w, shift, low_out=low, out=z)
     if bias is not None:
         z.add_(bias.float())
     return z.reshape(*lead, w.shape[0])
