@@ -7,7 +7,8 @@ log-prob with: an fp32 body and head (the reference); the bf16 body (autocast) w
 fp32 body with a plain bf16 head GEMM (output rounded to bf16); an fp32 body with the shifted bf16
 head of fdiv_align.kernels (output rounding relative to the target logit); and an fp64 product of the
 bf16-rounded inputs (input rounding alone). Prints the rms and max per-token error and the mean
-|error| of the sequence sums.
+|error| of the sequence sums; then the bias of fp32 log-softmax implementations (torch's kernel and
+fdiv_align.sampling.log_softmax_fp32) on the same fp32 logits against fp64.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from fdiv_align.kernels import token_logprobs
 from fdiv_align.models import load_model
-from fdiv_align.sampling import _continuation_hidden, sample
+from fdiv_align.sampling import _continuation_hidden, log_softmax_fp32, sample
 
 
 def main():
@@ -53,12 +54,21 @@ def main():
             "shifted bf16 head (ours)": token_logprobs(hb, wb, y).double(),
             "input rounding alone (fp64 of bf16 inputs)": gathered(hb.double() @ wb.double().T),
         }
+        # the log-softmax itself on the fp32 logits: torch's fp32 kernel vs fdiv_align's, against fp64
+        z32 = (h32 @ w32.T)[mask]
+        exact = z32.double().log_softmax(-1)
+        softmax_bias = {name: (fn(z32).double() - exact).gather(1, y[mask][:, None]).squeeze(1)
+                        for name, fn in (("torch.log_softmax (fp32)", lambda z: z.log_softmax(-1)),
+                                         ("fdiv_align log_softmax_fp32", log_softmax_fp32))}
     print(f"SmolLM2-135M-Instruct, {args.samples} samples × ≤ {args.tokens} tokens; error of token log-probs against fp32/fp64")
     print("| variant | rms per token | max per token | mean abs per sequence |\n|---|---|---|---|")
     for name, lp in variants.items():
         d = (lp - ref).masked_fill(~mask, 0.0)
         print(f"| {name} | {float(d[mask].pow(2).mean().sqrt()):.4f} | {float(d[mask].abs().max()):.4f} | "
               f"{float(d.sum(-1).abs().mean()):.4f} |")
+    print("\nfp32 log-softmax of the same fp32 logits against fp64 (per token):\n| implementation | mean error | max |error| |\n|---|---|---|")
+    for name, d in softmax_bias.items():
+        print(f"| {name} | {float(d.mean()):+.2e} | {float(d.abs().max()):.2e} |")
 
 
 if __name__ == "__main__":

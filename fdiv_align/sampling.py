@@ -65,9 +65,9 @@ def transformed_logprobs(logits: torch.Tensor, config: SamplingConfig = Sampling
 
 def log_softmax_fp32(z: torch.Tensor) -> torch.Tensor:
     """z − max − log Σ exp(z − max) over the last axis, in fp32 with torch's cascade ``sum``. Unlike
-    ``torch.log_softmax``'s fp32 kernel — biased by about +4·10⁻⁶ per token at V = 49,152 against fp64
-    (its running sum drifts), which adds up over a sequence — its error is the rounding of z − max
-    (mean ~10⁻⁷), like the sampler's log q(token) = log w − log Σ w with w = exp(z − max), so recorded
+    ``torch.log_softmax``'s fp32 kernel — biased by +7·10⁻⁶ per token on SmolLM2's logits against fp64
+    (``python benchmarks/head_precision.py``), which adds up over a sequence — its error is the rounding
+    of z − max (mean +6·10⁻⁹ there), like the sampler's log q(token) = log w − log Σ w with w = exp(z − max), so recorded
     and rescored log-probs agree."""
     m = z.amax(-1, keepdim=True)
     shifted = z - m.masked_fill(torch.isinf(m), 0.0)  # a row cut entirely to −inf stays −inf, not NaN
