@@ -57,7 +57,7 @@ def vader():
     return SentimentIntensityAnalyzer()
 
 
-def ours_block(steps: int, autocast: str, profile: bool = False):
+def ours_block(steps: int, precision: str, profile: bool = False):
     from fdiv_align.config import from_dict
     from fdiv_align.trainer import Trainer
 
@@ -67,7 +67,7 @@ def ours_block(steps: int, autocast: str, profile: bool = False):
         cfg = from_dict({"model": {"name": "smollm2-135m"}, "divergence": {"name": "rkl"},
                          "task": {"name": "sentiment", "beta": BETA, "contexts": str(ctx), "max_new_tokens": NEW_TOKENS},
                          "trainer": {"steps": steps, "samples_per_step": SAMPLES, "micro_batch_size": SAMPLES, "eval_every": 0,
-                                     "eval_samples": 4, "checkpoint_every": 0, "autocast": autocast, "lr": 1e-4},
+                                     "eval_samples": 4, "checkpoint_every": 0, "precision": precision, "lr": 1e-4},
                          "logger": {"progress": False, "jsonl": False}})
         records = []
         trainer = Trainer(cfg, output_dir=Path(d) / "run", callbacks=[lambda t, s, r: records.append(r)])
@@ -135,7 +135,7 @@ def run_block(v: str, cell: Path, steps_per_block: int, profile: bool) -> None:
     """One block of one variant (first step a warm-up, not timed), saved to ``cell``."""
     t0 = time.perf_counter()
     if v.startswith("ours"):
-        times, records, flops, prof = ours_block(steps_per_block + 1, "bfloat16" if v == "ours_bf16" else "none",
+        times, records, flops, prof = ours_block(steps_per_block + 1, "bf16" if v == "ours_bf16" else "fp32",
                                                  profile=profile)
         data = {"times": times[1:], "flops": flops,
                 "breakdown": {k: statistics.median(r[k] for r in records[1:]) for k in

@@ -5,7 +5,8 @@ temporary directory, writes a manifest with each file's size and SHA-256 last, f
 renames the directory to ``root/checkpoint-{step:08d}`` (a rename is atomic). A crash at any
 moment leaves either the old set of checkpoints or the old set plus a complete new one; stray
 temporary directories are ignored. ``load_latest`` returns the newest checkpoint whose manifest
-matches its files, skipping (with a warning) any that is truncated or corrupt.
+matches its files, skipping (with a warning) any that is truncated or corrupt, and refuses
+(:class:`CorruptCheckpointsError`) when checkpoints exist but none is intact.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["save_checkpoint", "load_latest", "list_checkpoints", "verify_checkpoint"]
+__all__ = ["save_checkpoint", "load_latest", "list_checkpoints", "verify_checkpoint", "CorruptCheckpointsError"]
 
 STATE_FILE = "state.pt"
 MANIFEST = "manifest.json"
@@ -85,12 +86,27 @@ def verify_checkpoint(path: Path) -> bool:
         return False
 
 
+class CorruptCheckpointsError(RuntimeError):
+    """Checkpoints exist but none passes verification: resuming is impossible and starting over
+    would silently discard them."""
+
+
 def load_latest(root: str | Path) -> tuple[int, dict, Path] | None:
-    """(step, state, path) of the newest valid checkpoint under root, or None."""
-    for path in reversed(list_checkpoints(root)):
+    """(step, state, path) of the newest valid checkpoint under root; None when there is no checkpoint.
+    A corrupt newer checkpoint is skipped with a warning naming the one used instead; if every
+    checkpoint is corrupt, :class:`CorruptCheckpointsError` (nothing is deleted)."""
+    found = list_checkpoints(root)
+    for i, path in enumerate(reversed(found)):
         if verify_checkpoint(path):
             manifest = json.loads((path / MANIFEST).read_text())
             state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+            if i:
+                warnings.warn(f"checkpoint(s) {', '.join(p.name for p in found[len(found) - i:])} in {root} are "
+                              f"incomplete or corrupt (manifest mismatch); resuming from {path.name}", RuntimeWarning)
             return int(manifest["step"]), state, path
-        warnings.warn(f"checkpoint {path} is incomplete or corrupt (manifest mismatch); using an older one", RuntimeWarning)
+    if found:
+        raise CorruptCheckpointsError(
+            f"every checkpoint in {root} ({', '.join(p.name for p in found)}) is incomplete or corrupt (manifest "
+            f"mismatch), so the run cannot resume. Nothing was changed. To start over in this directory set "
+            f"trainer.resume=false (the old files are moved to a superseded-* folder), or use another output_dir")
     return None

@@ -8,7 +8,9 @@ divergence=rkl,fkl,js,tv`` sweeps, one Hydra output directory per run holding it
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import sys
 from pathlib import Path
 
 from .config import register_configs
@@ -22,35 +24,94 @@ def _config_dir() -> str:
     raise FileNotFoundError(f"no conf/config.yaml next to {here} (install the project with `pip install -e .`)")
 
 
+def _resume_command(out: str) -> str:
+    """The command that continues this run: the same overrides with ``output_dir`` pinned to its directory."""
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("output_dir=")]
+    return " ".join(["fdiv-align", *overrides, f"output_dir={out}"])
+
+
+def _remove_if_untouched(run_dir: Path) -> None:
+    """A run that failed before writing anything leaves no directory behind (Hydra creates it, with
+    its .hydra/ and log file, before the run starts)."""
+    if not run_dir.is_dir():
+        return
+    if all(p.name in (".hydra", "main.log", "__main__.log", "cli.log") for p in run_dir.iterdir()):
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 def _run(cfg) -> dict:
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
     from omegaconf import OmegaConf
 
-    from .config import from_dict
-    from .trainer import Trainer
+    from .config import from_dict, validate
+    from .interrupts import RunInterrupted, stop_requests
 
-    config = from_dict(OmegaConf.to_container(cfg, resolve=True))
-    out = config.output_dir or HydraConfig.get().runtime.output_dir
-    summary = Trainer(config, output_dir=out).train()
+    hc = HydraConfig.get()
+    out = hc.runtime.output_dir
+    fresh_dir = not any(p.name not in (".hydra",) and not p.name.endswith(".log") for p in Path(out).iterdir())
+    try:
+        config = from_dict(OmegaConf.to_container(cfg, resolve=True))
+        if hc.mode == RunMode.MULTIRUN and config.output_dir is not None:
+            raise ValueError("output_dir names one run directory, but this is a sweep (-m): each run gets its own under "
+                             "hydra.sweep.dir; to resume a sweep rerun it with hydra.sweep.dir=<that sweep's directory>")
+        if config.output_dir is not None and Path(config.output_dir).resolve() != Path(out).resolve():
+            raise RuntimeError(f"output_dir={config.output_dir} but Hydra's run directory is {out}: conf/config.yaml "
+                               "must set hydra.run.dir from output_dir")
+        validate(config)
+        with stop_requests() as stops:
+            from .trainer import Trainer  # noqa: PLC0415 - heavy (transformers): after the config is known good
+
+            with stops.abortable("model loading"):
+                trainer = Trainer(config, output_dir=out)
+            summary = trainer.train()
+    except RunInterrupted as exc:
+        print(f"[fdiv-align] interrupted by {signal.Signals(exc.signum).name} during {exc.phase}: no step was taken, "
+              f"nothing to save", file=sys.stderr, flush=True)
+        if fresh_dir:
+            _remove_if_untouched(Path(out))
+        _exit_by_signal(exc.signum)
+    except BaseException:
+        if fresh_dir:
+            _remove_if_untouched(Path(out))
+        raise
     final = summary.get("final") or {}
     base = summary.get("base") or {}
     if summary.get("status") == "finished":
-        print(f"[fdiv-align] {config.divergence.name} on {config.task.name}: alignment {base.get('alignment', float('nan')):.4f} "
-              f"(base) -> {final.get('alignment', float('nan')):.4f}; KL(pi||a) {final.get('kl_pi_a', float('nan')):.3f}; "
+        print(f"[fdiv-align] {config.divergence.name} on {config.task.name}: alignment {_fmt(base.get('alignment'))} "
+              f"(base) -> {_fmt(final.get('alignment'))}; KL(pi||a) {_fmt(final.get('kl_pi_a'), 3)}; "
               f"{summary['wall_seconds_this_run']:.0f}s; run dir {out}")
-    else:
-        print(f"[fdiv-align] interrupted at step {summary['step']}; checkpoint saved in {out}/checkpoints — rerun the "
-              f"same command (or output_dir={out}) to resume", flush=True)
-        # end the process with the signal's default action, so that a multirun sweep stops too
-        signal.signal(summary["signal"], signal.SIG_DFL)
-        os.kill(os.getpid(), summary["signal"])
-    return summary
+        return summary
+    if summary.get("saved"):
+        print(f"[fdiv-align] interrupted at step {summary['step']}; checkpoint saved in {out}/checkpoints. "
+              f"To resume, run:\n  {_resume_command(out)}", file=sys.stderr, flush=True)
+    elif fresh_dir:
+        _remove_if_untouched(Path(out))
+    _exit_by_signal(summary["signal"])
+
+
+def _fmt(x, digits: int = 4) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def _exit_by_signal(signum: int) -> None:
+    """End the process with the signal's default action (status 128 + signal), so that a multirun
+    sweep stops too."""
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    sys.exit(128 + signum)
 
 
 def main() -> None:
     import hydra
 
     register_configs()
+    from omegaconf import OmegaConf
+
+    # conf/config.yaml: hydra.run.dir = output_dir when set, else a new timestamped directory
+    OmegaConf.register_new_resolver("fdiv_or", lambda value, default: default if value is None else value, replace=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app = hydra.main(version_base="1.3", config_path=_config_dir(), config_name="config")(_run)

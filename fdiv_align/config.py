@@ -9,18 +9,19 @@ start with a message naming it. :func:`from_dict` gives the same check without H
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 __all__ = ["ModelConfig", "DivergenceConfig", "TaskConfig", "TrainerConfig", "LoggerConfig", "Config", "from_dict",
-           "to_dict", "register_configs"]
+           "to_dict", "register_configs", "validate"]
 
 
 @dataclass
 class ModelConfig:
     #: ``smollm2-135m`` (embedded), ``tiny`` (random, tests), a local HF directory, or a hub id.
     name: str = "smollm2-135m"
-    dtype: str = "float32"  # master weights; see trainer.autocast for bf16 compute
+    dtype: str = "float32"  # master weights; see trainer.precision for bf16 compute
     quantization: Optional[str] = None  # None | 4bit | 8bit (bitsandbytes; LoRA required)
     #: LoRA: true, false, or null = automatic (LoRA when the model has more than lora_threshold parameters)
     lora: Optional[bool] = None
@@ -88,14 +89,19 @@ class TrainerConfig:
     temperature: float = 1.0  # sampling transform (1 = pure ancestral sampling, what f-DPG assumes)
     top_k: int = 0
     top_p: float = 1.0
-    #: bfloat16 | none: compute dtype of the transformer body (master weights stay fp32).
-    #: bf16 moves sequence log-probs by ~0.1–0.5 nats (SmolLM2, 40 tokens), so fp32 is the default.
-    autocast: str = "none"
-    #: under autocast: false = the output head's GEMMs in bf16 with fp32 logits (each row shifted inside
+    #: auto | fp32 | bf16: compute precision of the transformer body and output head (master weights
+    #: stay fp32, log-space math fp64). auto = bf16 only where the device runs bf16 products natively
+    #: (bf16 CUDA GPUs; CPUs with AVX-512 BF16/AMX and a measured bf16 GEMM faster than fp32), fp32
+    #: otherwise — fdiv_align/precision.py; the choice and its reason are printed and in summary.json.
+    precision: str = "auto"
+    #: under bf16: false = the output head's GEMMs in bf16 with fp32 logits (each row shifted inside
     #: the GEMM so that rounding is relative to the distance from its top/target logit; input rounding
     #: costs ~0.011 nats rms per token on SmolLM2, less than the bf16 body's 0.026 — benchmarks/head_precision.py),
-    #: true = fp32 head GEMMs (≈4× slower head on CPU). Ignored without autocast (head fp32).
+    #: true = fp32 head GEMMs (≈4× slower head on CPU). Ignored under fp32 (head fp32).
     fp32_head: bool = False
+    #: torch.compile for the fused kernels: null = auto (when inductor can build them: a C++ compiler on
+    #: the CPU, triton on CUDA; eager otherwise, said at start), true = required, false = eager
+    compile: Optional[bool] = None
     fused_logprobs: bool = True  # fused lm_head → log-prob kernel on the policy forward
     threads: Optional[int] = None  # torch threads (null = all cores)
 
@@ -137,6 +143,58 @@ def _build(cls, data: dict, path: str):
                "TrainerConfig": TrainerConfig, "LoggerConfig": LoggerConfig}.get(ftype if isinstance(ftype, str) else getattr(ftype, "__name__", ""))
         kwargs[name] = _build(sub, value, f"{path}.{name}" if path else name) if sub else value
     return cls(**kwargs)
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def validate(cfg: Config) -> None:
+    """Every value check that needs no model, so that a bad value fails at once — before the model
+    loads and before anything is written — with a message naming the key, the value and what is
+    expected. (Names of divergences and tasks are checked by their registries.)"""
+    t, m, d, k = cfg.trainer, cfg.model, cfg.divergence, cfg.task
+    checks = [
+        (isinstance(t.steps, int) and t.steps >= 0, f"trainer.steps must be an integer ≥ 0, got {t.steps!r}"),
+        (t.samples_per_step >= 1, f"trainer.samples_per_step must be ≥ 1, got {t.samples_per_step!r}"),
+        (t.micro_batch_size >= 1, f"trainer.micro_batch_size must be ≥ 1, got {t.micro_batch_size!r}"),
+        (_finite(t.lr) and t.lr > 0, f"trainer.lr must be a finite number > 0, got {t.lr!r}"),
+        (_finite(t.weight_decay) and t.weight_decay >= 0, f"trainer.weight_decay must be ≥ 0, got {t.weight_decay!r}"),
+        (t.warmup_steps >= 0, f"trainer.warmup_steps must be ≥ 0, got {t.warmup_steps!r}"),
+        (t.max_grad_norm is None or (_finite(t.max_grad_norm) and t.max_grad_norm > 0),
+         f"trainer.max_grad_norm must be null or a number > 0, got {t.max_grad_norm!r}"),
+        (_finite(t.temperature) and t.temperature > 0, f"trainer.temperature must be a finite number > 0, got {t.temperature!r}"),
+        (isinstance(t.top_k, int) and t.top_k >= 0, f"trainer.top_k must be an integer ≥ 0 (0 = off), got {t.top_k!r}"),
+        (_finite(t.top_p) and 0 < t.top_p <= 1, f"trainer.top_p must be in (0, 1] (1 = off), got {t.top_p!r}"),
+        (_finite(t.baseline_momentum) and 0 <= t.baseline_momentum < 1,
+         f"trainer.baseline_momentum must be in [0, 1), got {t.baseline_momentum!r}"),
+        (t.proposal in ("on", "off"), f"trainer.proposal must be 'on' or 'off', got {t.proposal!r}"),
+        (t.proposal_criterion in ("fkl", "tv"), f"trainer.proposal_criterion must be 'fkl' or 'tv', got {t.proposal_criterion!r}"),
+        (t.proposal_update_every >= 1, f"trainer.proposal_update_every must be ≥ 1, got {t.proposal_update_every!r}"),
+        (t.schedule in ("constant", "linear"), f"trainer.schedule must be 'constant' or 'linear', got {t.schedule!r}"),
+        (t.optimizer in ("adamw", "adamw8bit"), f"trainer.optimizer must be 'adamw' or 'adamw8bit', got {t.optimizer!r}"),
+        (t.baseline in ("none", "moving_average", "constant", "loo"),
+         f"trainer.baseline must be one of none, moving_average, constant, loo, got {t.baseline!r}"),
+        (t.precision in ("auto", "fp32", "bf16"), f"trainer.precision must be 'auto', 'fp32' or 'bf16', got {t.precision!r}"),
+        (isinstance(t.fp32_head, bool), f"trainer.fp32_head must be true or false, got {t.fp32_head!r}"),
+        (t.compile is None or isinstance(t.compile, bool), f"trainer.compile must be true, false or null (auto), got {t.compile!r}"),
+        (isinstance(t.fused_logprobs, bool), f"trainer.fused_logprobs must be true or false, got {t.fused_logprobs!r}"),
+        (t.eval_every >= 0, f"trainer.eval_every must be ≥ 0 (0 = no evaluation), got {t.eval_every!r}"),
+        (t.eval_samples >= 1, f"trainer.eval_samples must be ≥ 1, got {t.eval_samples!r}"),
+        (t.checkpoint_every >= 0, f"trainer.checkpoint_every must be ≥ 0 (0 = none), got {t.checkpoint_every!r}"),
+        (t.keep_checkpoints >= 1, f"trainer.keep_checkpoints must be ≥ 1, got {t.keep_checkpoints!r}"),
+        (t.threads is None or t.threads >= 1, f"trainer.threads must be null or ≥ 1, got {t.threads!r}"),
+        (m.quantization in (None, "4bit", "8bit"), f"model.quantization must be null, '4bit' or '8bit', got {m.quantization!r}"),
+        (m.lora_r >= 1, f"model.lora_r must be ≥ 1, got {m.lora_r!r}"),
+        (d.log_p_floor is None or _finite(d.log_p_floor), f"divergence.log_p_floor must be null or a finite number, got {d.log_p_floor!r}"),
+        (_finite(k.beta) and k.beta > 0, f"task.beta must be a finite number > 0, got {k.beta!r}"),
+        (k.max_new_tokens is None or k.max_new_tokens >= 1, f"task.max_new_tokens must be null or ≥ 1, got {k.max_new_tokens!r}"),
+        (k.num_contexts >= 1, f"task.num_contexts must be ≥ 1, got {k.num_contexts!r}"),
+        (k.constraint_fit_samples >= 1, f"task.constraint_fit_samples must be ≥ 1, got {k.constraint_fit_samples!r}"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ValueError(msg)
 
 
 def from_dict(data: dict | None) -> Config:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,9 +70,19 @@ def embedded_model_dir(name: str = "smollm2-135m") -> Path:
     target = cache_dir() / name
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
+    gguf = _gguf_path(name)
+    print(f"[fdiv-align] materialising {name} from {gguf.name} into {target} (first run only, ~1 minute)",
+          file=sys.stderr, flush=True)
+    # building the model initialises weights randomly before loading them: keep the caller's random
+    # state untouched, so that a first run and a later one with the same seed are the same run
+    with torch.random.fork_rng(devices=[]):
+        _materialise(name, gguf, target)
+    return target
+
+
+def _materialise(name: str, gguf: Path, target: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    gguf = _gguf_path(name)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -90,7 +101,6 @@ def embedded_model_dir(name: str = "smollm2-135m") -> Path:
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)
-    return target
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

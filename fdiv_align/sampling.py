@@ -396,15 +396,16 @@ def _continuation_hidden(model, batch: Batch, padding_side: str, pad_id: int):
 
 
 def weighted_logprob_sum(model, batch: Batch, sequence_weights: torch.Tensor, config: SamplingConfig = SamplingConfig(),
-                         pad_id: int = 0, fused: bool = True,
-                         head_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         pad_id: int = 0, fused: bool = True, head_dtype: torch.dtype | None = None,
+                         compile: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ_i w_i log π(x_i|c_i) as a differentiable scalar, detached [B] log π).
 
     ``fused``: the head's gradients are computed in the forward pass by
     :func:`fdiv_align.kernels.weighted_token_logprob_sum` (the weights are known before the forward,
     as f-DPG's coefficients are), never materialising [tokens × vocab] logits. Needs a plain
     ``nn.Linear`` head and no top-k/top-p (refused otherwise); ``fused=False`` is the plain path.
-    ``head_dtype``: the head's GEMM dtype (see :func:`head_logits`).
+    ``head_dtype``: the head's GEMM dtype (see :func:`head_logits`); ``compile``: the kernel's
+    elementwise passes through torch.compile (False: eager, same values).
     """
     device = next(model.parameters()).device
     m = batch.mask.to(device).bool()
@@ -420,7 +421,7 @@ def weighted_logprob_sum(model, batch: Batch, sequence_weights: torch.Tensor, co
     token_w = torch.where(m, w[:, None].expand_as(m), torch.zeros((), device=device))
     with torch.autocast(device.type, enabled=False):  # the head's own precision, like head_logits
         total, tok_lp = weighted_token_logprob_sum(h, weight, batch.tokens.to(device), token_w, config.temperature,
-                                                   bias=None if bias is None else bias.float())
+                                                   bias=None if bias is None else bias.float(), compile=compile)
     return total, torch.where(m, tok_lp, torch.zeros_like(tok_lp)).sum(-1)
 
 

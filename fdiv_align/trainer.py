@@ -27,7 +27,7 @@ import json
 import math
 import os
 import random
-import signal
+import sys
 import time
 from pathlib import Path
 
@@ -36,22 +36,30 @@ import torch
 
 from .attention import register_grouped_eager
 from .checkpoint import load_latest, save_checkpoint
-from .config import Config, to_dict
+from .config import Config, to_dict, validate
 from .divergences import get_divergence
 from .estimators import estimate_divergences
 from .fast_lora import install_fast_lora_forward
+from .interrupts import RunInterrupted, stop_requests
 from .loss import FDivergenceLoss
 from .metrics import MetricsLogger, distinct_n, self_bleu
 from .models import LoadedModel, load_model, resolve_device, tiny_model
+from .precision import compute_plan
 from .sampling import Batch, SamplingConfig, sample, score, weighted_logprob_sum
 from .targets import BaseLM, load_contexts
 from .targets.tasks import Task, get_task
 
-__all__ = ["Trainer", "TrainingInterrupted"]
+__all__ = ["Trainer", "NonFiniteGradientError"]
 
 
-class TrainingInterrupted(Exception):
-    """Raised inside the loop when SIGINT/SIGTERM arrived; the trainer saves and returns."""
+class NonFiniteGradientError(FloatingPointError):
+    """The step's gradient is ±inf/NaN: the parameters were not updated (see the message for the cause)."""
+
+
+def say(message: str) -> None:
+    """One status line on stderr (rank 0 only)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"[fdiv-align] {message}", file=sys.stderr, flush=True)
 
 
 def _dist():
@@ -72,7 +80,8 @@ class Trainer:
                  output_dir: str | os.PathLike | None = None, callbacks=()):
         self.cfg = cfg
         tc = cfg.trainer
-        self._validate()
+        validate(cfg)
+        get_divergence(cfg.divergence.name, **({"alpha": cfg.divergence.alpha} if cfg.divergence.name == "alpha" else {}))
         if tc.threads:
             torch.set_num_threads(tc.threads)
         if tc.deterministic:
@@ -89,8 +98,13 @@ class Trainer:
         self.callbacks = list(callbacks)
 
         self.device = resolve_device(cfg.model.device)
+        self.plan = compute_plan(tc.precision, tc.compile, self.device)
+        say(self.plan.describe())
         self.lm = lm if lm is not None else self._load_model()
         self._move_to_device(self.lm.model)
+        # whatever loading consumed (a first-run materialisation initialises a model), the run's random
+        # state — LoRA initialisation included — depends on the seed alone
+        self._seed_everything(tc.seed)
         self.tokenizer = self.lm.tokenizer
         self._set_attention(self.lm.model)
         self.model, self.use_lora = self._maybe_lora(self.lm.model)
@@ -106,6 +120,9 @@ class Trainer:
 
         self.task = task if task is not None else get_task(cfg.task.name, **self._task_kwargs())
         self.contexts = load_contexts(cfg.task.contexts) if cfg.task.contexts else list(self.task.contexts)
+        if not self.contexts:
+            raise ValueError(f"task {self.task.name!r} has an empty context list: give at least one context "
+                             f"(task.contexts=<file>, or Task(contexts=[...]); '' is the unconditional context)")
         self.max_new_tokens = cfg.task.max_new_tokens or self.task.max_new_tokens
         self.target = self.task.target(BaseLM(self.model, self.tokenizer))
         self.sampling = SamplingConfig(tc.temperature, tc.top_k, tc.top_p)
@@ -121,9 +138,10 @@ class Trainer:
             self.proposal_state = {n: p.detach().clone() for n, p in self.trainable.items()}
         self._offpolicy_acc = {"pi": [], "q": []}
         self.proposal_updates = 0
-        self.autocast_dtype = None if tc.autocast == "none" else torch.bfloat16
-        # the output head's GEMM dtype (None = fp32); fp32 logits either way (kernels/low_precision_head.py)
-        self.head_dtype = None if tc.fp32_head else self.autocast_dtype
+        # one precision decision for every path (fdiv_align/precision.py): body autocast dtype, and the
+        # output head's GEMM dtype (None = fp32; fp32 logits either way, kernels/low_precision_head.py)
+        self.autocast_dtype = self.plan.autocast_dtype
+        self.head_dtype = self.plan.head_dtype(tc.fp32_head)
         if self.use_lora:
             install_fast_lora_forward(self.model)  # same sum as PEFT's forward in two ops (fast_lora.py)
         if self.autocast_dtype is not None and self.use_lora:
@@ -133,31 +151,11 @@ class Trainer:
         self.step = 0
         self.samples_seen = 0
         self.base_eval = None
-        self._stop_signal = None
+        self.pending_eval = False  # the evaluation due at this step has not been logged yet
         self.logger = MetricsLogger(self.output_dir, cfg.logger.jsonl, cfg.logger if self.rank == 0 else None,
                                     to_dict(cfg)) if self.rank == 0 else None
 
     # ------------------------------------------------------------------ setup helpers
-    def _validate(self):
-        tc = self.cfg.trainer
-        checks = [
-            (tc.steps >= 0, f"trainer.steps must be ≥ 0, got {tc.steps}"),
-            (tc.samples_per_step >= 1, f"trainer.samples_per_step must be ≥ 1, got {tc.samples_per_step}"),
-            (tc.micro_batch_size >= 1, f"trainer.micro_batch_size must be ≥ 1, got {tc.micro_batch_size}"),
-            (tc.proposal in ("on", "off"), f"trainer.proposal must be 'on' or 'off', got {tc.proposal!r}"),
-            (tc.proposal_criterion in ("fkl", "tv"), f"trainer.proposal_criterion must be 'fkl' or 'tv', got {tc.proposal_criterion!r}"),
-            (tc.schedule in ("constant", "linear"), f"trainer.schedule must be 'constant' or 'linear', got {tc.schedule!r}"),
-            (tc.optimizer in ("adamw", "adamw8bit"), f"trainer.optimizer must be 'adamw' or 'adamw8bit', got {tc.optimizer!r}"),
-            (tc.autocast in ("bfloat16", "none"), f"trainer.autocast must be 'bfloat16' or 'none', got {tc.autocast!r}"),
-            (isinstance(tc.fp32_head, bool), f"trainer.fp32_head must be true or false, got {tc.fp32_head!r}"),
-            (tc.eval_every >= 0 and tc.checkpoint_every >= 0, "trainer.eval_every and checkpoint_every must be ≥ 0"),
-            (tc.proposal_update_every >= 1, f"trainer.proposal_update_every must be ≥ 1, got {tc.proposal_update_every}"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(msg)
-        get_divergence(self.cfg.divergence.name, **({"alpha": self.cfg.divergence.alpha} if self.cfg.divergence.name == "alpha" else {}))
-
     @staticmethod
     def _seed_everything(seed: int):
         random.seed(seed)
@@ -276,7 +274,7 @@ class Trainer:
     def _make_logprob_fn(self):
         from .kernels import head_logprob_fn
 
-        return head_logprob_fn(allow_fallback=False, head_dtype=self.head_dtype)
+        return head_logprob_fn(allow_fallback=False, compile=self.plan.compile, head_dtype=self.head_dtype)
 
     # ------------------------------------------------------------------ model passes
     def _autocast(self):
@@ -336,7 +334,7 @@ class Trainer:
         with self._autocast():
             total, _ = weighted_logprob_sum(self.model, batch, -coefficients / n_total, self.sampling,
                                             pad_id=self.tokenizer.pad_token_id, fused=self.cfg.trainer.fused_logprobs,
-                                            head_dtype=self.head_dtype)
+                                            head_dtype=self.head_dtype, compile=self.plan.compile)
         return total
 
     def _sample(self, context_index: torch.Tensor, uniforms: torch.Tensor, proposal: bool = True) -> Batch:
@@ -400,21 +398,31 @@ class Trainer:
                             "iterations": fit.iterations, "ess": fit.ess}
         return fits
 
-    def train_step(self) -> dict:
+    def _abortable(self, stops, phase: str):
+        """Single process: ``stops.abortable(phase)``. Data parallel: not abortable (a process leaving
+        mid-step would leave the others waiting in a collective), so the step finishes first."""
+        if stops is None or self.world > 1:
+            return contextlib.nullcontext()
+        return stops.abortable(phase)
+
+    def train_step(self, stops=None) -> dict:
+        """One f-DPG step. Sampling and scoring (everything before the loss updates Ẑ and the baseline)
+        may be abandoned by a stop signal (``RunInterrupted``), leaving no trace but the generator's draws."""
         tc = self.cfg.trainer
         t0 = time.perf_counter()
         N, T = tc.samples_per_step, self.max_new_tokens
-        ctx_all = torch.randint(len(self.contexts), (N,), generator=self.generator)
-        U_all = torch.rand((N, T), generator=self.generator, dtype=torch.float64)
-        sl = self._shard(N)
-        batch = self._sample(ctx_all[sl], U_all[sl])
-        t_sample = time.perf_counter()
-        log_a = self.base_logprobs(batch)
-        scores = self.target.log_scores(batch, log_a)
-        scores_log_P = self._floored_log_P(scores)
-        alignment = scores.alignment
-        log_q = batch.logq.double()
-        t_score = time.perf_counter()
+        with self._abortable(stops, f"sampling and scoring of step {self.step + 1}"):
+            ctx_all = torch.randint(len(self.contexts), (N,), generator=self.generator)
+            U_all = torch.rand((N, T), generator=self.generator, dtype=torch.float64)
+            sl = self._shard(N)
+            batch = self._sample(ctx_all[sl], U_all[sl])
+            t_sample = time.perf_counter()
+            log_a = self.base_logprobs(batch)
+            scores = self.target.log_scores(batch, log_a)
+            scores_log_P = self._floored_log_P(scores)
+            alignment = scores.alignment
+            log_q = batch.logq.double()
+            t_score = time.perf_counter()
 
         self.model.train()
         micro = [torch.arange(len(batch))[i:i + tc.micro_batch_size] for i in range(0, len(batch), tc.micro_batch_size)]
@@ -433,9 +441,10 @@ class Trainer:
         for m in micro:
             self.policy_loss(batch.select(m), coef[m], N).backward()
         self._allreduce_grads()
-        grad_norm = None
-        if tc.max_grad_norm:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), tc.max_grad_norm))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), tc.max_grad_norm or math.inf))
+        if not math.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteGradientError(self._non_finite_message(grad_norm, out))
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
@@ -466,9 +475,21 @@ class Trainer:
         }
         for key, e in est.items():
             record[key] = e.value
+            if key not in ("alignment",):
+                record[key + "_se"] = e.stderr
         if self.proposal_state is not None:
             self._offpolicy_check(g_log_pi, g_log_q, g_log_P, log_z, known, record)
         return record
+
+    def _non_finite_message(self, grad_norm: float, out) -> str:
+        coef = out.coefficients[~out.skipped] if out.skipped is not None else out.coefficients
+        saved = self.output_dir / "checkpoints"
+        return (f"step {self.step + 1}: the gradient norm is {grad_norm} with divergence {self.divergence.name!r}: "
+                f"the surrogate's coefficients are heavy-tailed (max |coefficient| {float(coef.abs().max()):.3g}, "
+                f"ESS {float(out.ess):.1f} of {len(coef)}) and the backward pass overflowed. The parameters were NOT "
+                f"updated; the last checkpoint in {saved} is intact. Divergences whose f′ is unbounded (chi2, alpha ≥ 1, "
+                f"rkl) weight rare samples by powers of π/p: use a bounded one (js, tv), a smaller trainer.lr, or a "
+                f"higher divergence.log_p_floor.")
 
     def _offpolicy_check(self, log_pi, log_q, log_P, log_z, known, record):
         """GDC++: every K steps replace q by πθ when the estimated D(p‖πθ) < D(p‖q) (both on q's samples)."""
@@ -547,6 +568,7 @@ class Trainer:
             "loss": self.loss_fn.state_dict_extra(),
             "constraints": [c.state_dict() for c in self.target.constraints],
             "base_eval": self.base_eval,
+            "pending_eval": self.pending_eval,
             "rng": {"torch": torch.get_rng_state(), "generator": self.generator.get_state(), "python": random.getstate(),
                     "numpy": np.random.get_state()},
         }
@@ -568,6 +590,7 @@ class Trainer:
         for c, s in zip(self.target.constraints, state["constraints"]):
             c.load_state_dict(s)
         self.base_eval = state["base_eval"]
+        self.pending_eval = bool(state.get("pending_eval", False))
         self.step, self.samples_seen = state["step"], state["samples_seen"]
         torch.set_rng_state(state["rng"]["torch"])
         self.generator.set_state(state["rng"]["generator"])
@@ -580,9 +603,6 @@ class Trainer:
         return save_checkpoint(self.output_dir / "checkpoints", self.step, self.state_dict(), self.cfg.trainer.keep_checkpoints)
 
     # ------------------------------------------------------------------ the loop
-    def _on_signal(self, signum, frame):
-        self._stop_signal = signum
-
     def _log(self, record: dict):
         if self.logger is not None:
             self.logger.log(self.step, record)
@@ -595,7 +615,57 @@ class Trainer:
             self.logger.log_samples(self.step, samples["texts"][:k], samples["contexts"][:k], samples["alignment"][:k])
         return record
 
+    def _resume(self) -> bool:
+        """Load the newest intact checkpoint (True), or find none (False). Checkpoints that all fail
+        verification stop the run (CorruptCheckpointsError): starting over would silently discard them."""
+        resumed = load_latest(self.output_dir / "checkpoints")
+        if resumed is None:
+            return False
+        step, state, path = resumed
+        self.load_state_dict(state)
+        if self.logger is not None:
+            self.logger.truncate_after(self.step)
+        say(f"resumed from {path} (step {self.step} of {self.cfg.trainer.steps})")
+        return True
+
+    def _set_aside_previous_run(self) -> None:
+        """A fresh start in a directory that holds an earlier run's files (trainer.resume=false): move
+        them to ``superseded-<time>/`` so that nothing is deleted and no record is mixed with this run's."""
+        if self.rank != 0:
+            return
+        old = [self.output_dir / n for n in ("checkpoints", "metrics.jsonl", "samples.jsonl", "summary.json")]
+        old = [p for p in old if p.exists()]
+        if not old:
+            return
+        aside = self.output_dir / f"superseded-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S-%f')}"
+        aside.mkdir()
+        for p in old:
+            os.replace(p, aside / p.name)
+        say(f"starting over (trainer.resume=false): the earlier run's {', '.join(p.name for p in old)} moved to {aside}")
+
+    @staticmethod
+    def _postfix(record: dict) -> dict:
+        """Progress-bar fields: IS estimates shown as value±standard error (they are noisy, and may be
+        negative where the true divergence is ≥ 0)."""
+        out = {"align": f"{record['alignment']:.3f}"}
+        for key in ("kl_p_pi", "kl_pi_a"):
+            if key in record:
+                out[key] = f"{record[key]:.2f}±{record.get(key + '_se', float('nan')):.2f}"
+        out["samp/s"] = f"{record['samples_per_second']:.1f}"
+        return out
+
     def train(self) -> dict:
+        """Run to ``trainer.steps`` (resuming from the newest checkpoint) and return the summary.
+
+        SIGINT/SIGTERM (:mod:`fdiv_align.interrupts`): during sampling, scoring or an evaluation the
+        work in flight is abandoned at once; during an update the step is finished first. Then the
+        state of the last completed step is checkpointed and ``{"status": "interrupted", ...}`` is
+        returned; rerunning in the same output directory continues exactly. A second signal exits at once.
+        """
+        with stop_requests() as stops:
+            return self._train(stops)
+
+    def _train(self, stops) -> dict:
         tc = self.cfg.trainer
         t_start = time.perf_counter()
         done = self.output_dir / "summary.json"
@@ -603,72 +673,100 @@ class Trainer:
             previous = json.loads(done.read_text())
             if previous.get("status") == "finished" and previous.get("steps") == tc.steps:
                 return previous  # a finished run (e.g. a resumed sweep): nothing to redo
-        resumed = load_latest(self.output_dir / "checkpoints") if tc.resume else None
         fits = None
-        if resumed is not None:
-            step, state, path = resumed
-            self.load_state_dict(state)
-            if self.logger is not None:
-                self.logger.truncate_after(self.step)
-        else:
-            fits = self.fit_constraints()
-            if fits:
-                self._log({"kind": "constraint_fit", **{f"{k}/{m}": v for k, d in fits.items() for m, v in d.items()}})
-            self.base_eval = self._eval_and_log()
-        old = {}
-        in_main = hasattr(signal, "SIGTERM") and threading_is_main()
-        if in_main:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                old[sig] = signal.signal(sig, self._on_signal)
+        interrupted = None
+        if not (tc.resume and self._resume()):
+            self._set_aside_previous_run()
+            if self.plan.compile:
+                say("compiling the fused log-prob kernels with torch.compile (first run only; then cached)")
+            try:
+                with stops.abortable("the base evaluation"):
+                    fits = self.fit_constraints()
+                    if fits:
+                        self._log({"kind": "constraint_fit", **{f"{k}/{m}": v for k, d in fits.items() for m, v in d.items()}})
+                    self.base_eval = self._eval_and_log()
+            except RunInterrupted as exc:
+                say(f"interrupted during {exc.phase}: no step was taken, nothing to save")
+                if self.logger is not None:
+                    self.logger.close()
+                return {"status": "interrupted", "step": 0, "signal": exc.signum, "saved": False}
         bar = None
         if self.cfg.logger.progress and self.rank == 0:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=tc.steps, initial=self.step, desc=f"f-DPG {self.divergence.name}", dynamic_ncols=True)
-        interrupted = False
         last_eval = self.base_eval
         try:
-            while self.step < tc.steps:
-                record = self.train_step()
+            if self.pending_eval:  # an evaluation interrupted before the last checkpoint: redo it first
+                last_eval = self._abortable_eval(stops)
+            while self.step < tc.steps and not stops.requested:
+                rng = (self.generator.get_state(), torch.get_rng_state())
+                try:
+                    record = self.train_step(stops)
+                except RunInterrupted:  # sampling/scoring abandoned: the step never happened
+                    self.generator.set_state(rng[0])
+                    torch.set_rng_state(rng[1])
+                    break
                 self._log(record)
                 if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.steps:
-                    last_eval = self._eval_and_log()
+                    self.pending_eval = True
+                    last_eval = self._abortable_eval(stops)
                 for cb in self.callbacks:
                     cb(self, self.step, record)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix({"align": f"{record['alignment']:.3f}", "kl_p_pi": f"{record.get('kl_p_pi', float('nan')):.3f}",
-                                     "kl_pi_a": f"{record.get('kl_pi_a', float('nan')):.3f}", "samp/s": f"{record['samples_per_second']:.1f}"})
-                if tc.checkpoint_every and self.step % tc.checkpoint_every == 0:
+                    bar.set_postfix(self._postfix(record))
+                if tc.checkpoint_every and self.step % tc.checkpoint_every == 0 and not stops.requested:
                     self.save()
-                if self._stop_signal is not None:
-                    interrupted = True
-                    break
         finally:
             if bar is not None:
                 bar.close()
-            for sig, handler in old.items():
-                signal.signal(sig, handler)
-        if interrupted:
-            self.save()
+        if stops.requested:
+            interrupted = stops.signum
+            path = self.save()
+            say(f"stopped at step {self.step}; checkpoint {path}")
             if self.logger is not None:
                 self.logger.close()
-            return {"status": "interrupted", "step": self.step, "signal": int(self._stop_signal)}
+            return {"status": "interrupted", "step": self.step, "signal": int(interrupted), "saved": True}
         final = self._eval_and_log() if tc.steps > 0 else last_eval
         if tc.checkpoint_every:
             self.save()
+        log_z, known = self.loss_fn.log_z.log_z(torch.arange(self.loss_fn.log_z.num_contexts))
+        warn = []
+        if tc.steps > 0 and not known.any():
+            warn.append(f"no sample in {self.samples_seen} had P > 0 (every target score was 0): Z is unknown and the "
+                        f"policy was never updated; the target may be unreachable from the base model")
+        for w in warn:
+            say(f"warning: {w}")
         summary = {"status": "finished", "steps": self.step, "samples_seen": self.samples_seen,
                    "divergence": self.divergence.name, "task": self.task.name, "model": self.cfg.model.name,
                    "lora": self.use_lora, "seed": tc.seed, "base": self.base_eval, "final": final,
-                   "constraint_fit": fits, "wall_seconds_this_run": time.perf_counter() - t_start}
+                   "constraint_fit": fits, "compute": self.plan.as_dict(), "warnings": warn,
+                   "config": to_dict(self.cfg), "wall_seconds_this_run": time.perf_counter() - t_start}
         if self.rank == 0:
-            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+            (self.output_dir / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2, default=float))
         if self.logger is not None:
             self.logger.close()
         return summary
 
+    def _abortable_eval(self, stops):
+        """The evaluation at this step; if a stop signal abandons it, it stays pending in the checkpoint
+        and is redone first on resume."""
+        try:
+            with stops.abortable(f"the evaluation at step {self.step}"):
+                record = self._eval_and_log()
+        except RunInterrupted:
+            return None
+        self.pending_eval = False
+        return record
 
-def threading_is_main() -> bool:
-    import threading
 
-    return threading.current_thread() is threading.main_thread()
+def _json_safe(obj):
+    """NaN/±inf → None (JSON has no NaN), recursively."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj

@@ -28,8 +28,8 @@ LIPSCHITZ = {"rkl": 1.0, "js": 0.5}
 def test_bf16_matches_fp32_within_logprob_error(tmp_path, div, lora, fp32_head):
     out = {}
     batch = None
-    for ac in ("none", "bfloat16"):
-        cfg = tiny_cfg(divergence={"name": div}, trainer={"autocast": ac, "fp32_head": fp32_head},
+    for ac in ("fp32", "bf16"):
+        cfg = tiny_cfg(divergence={"name": div}, trainer={"precision": ac, "fp32_head": fp32_head},
                        model={"lora": lora, "lora_r": 4})
         tr = Trainer(cfg, lm=tiny_model(seed=5), output_dir=tmp_path / ac)
         if batch is None:
@@ -42,7 +42,7 @@ def test_bf16_matches_fp32_within_logprob_error(tmp_path, div, lora, fp32_head):
         log_z = torch.logsumexp(log_P - log_pi, 0) - torch.log(torch.tensor(float(len(batch))))
         res = f_dpg_loss(log_pi.clone().requires_grad_(True), log_pi, log_P, div, log_z)
         out[ac] = {"log_pi": log_pi, "log_a": log_a, "R": res.pseudo_rewards, "loss": float(res.loss), "log_z": log_z}
-    f32, b16 = out["none"], out["bfloat16"]
+    f32, b16 = out["fp32"], out["bf16"]
     d_pi = (b16["log_pi"] - f32["log_pi"]).abs()
     d_a = (b16["log_a"] - f32["log_a"]).abs()
     tokens = batch.mask.sum(-1).double()
@@ -60,7 +60,7 @@ def test_adapter_input_cast_skip_is_exact(tmp_path):
 
     from fdiv_align.fast_lora import uninstall_fast_lora_forward
 
-    cfg = tiny_cfg(trainer={"autocast": "bfloat16"}, model={"lora": True, "lora_r": 4})
+    cfg = tiny_cfg(trainer={"precision": "bf16"}, model={"lora": True, "lora_r": 4})
     tr = Trainer(cfg, lm=tiny_model(seed=5), output_dir=tmp_path)
     with torch.no_grad():  # move the adapters away from B = 0 so that they contribute
         for name, p in tr.trainable.items():

@@ -72,7 +72,7 @@ def test_cuda_trainer_reproduces_cpu_first_step(tmp_path, lora):
 
 def test_cuda_bf16_run_and_resume(tmp_path):
     cfg = tiny_cfg(model={"device": "cuda", "lora": True, "lora_r": 4},
-                   trainer={"steps": 4, "autocast": "bfloat16", "checkpoint_every": 2, "eval_every": 2})
+                   trainer={"steps": 4, "precision": "bf16", "checkpoint_every": 2, "eval_every": 2})
     first = Trainer(cfg, lm=tiny_model(seed=3), output_dir=tmp_path)
     summary = first.train()
     assert first.head_dtype == torch.bfloat16 and summary["steps"] == 4

@@ -1,5 +1,7 @@
 """Shared builders for trainer tests (tiny models, enumerable targets). :func:`tiny_cfg` pins
-``model.device=cpu``: these tests compare against CPU tensors; tests/test_gpu.py covers CUDA."""
+``model.device=cpu`` (these tests compare against CPU tensors; tests/test_gpu.py covers CUDA) and
+``trainer.precision=fp32``, so that the same path runs on every machine (tests/test_precision.py
+forces each outcome of ``auto``)."""
 
 from fdiv_align.config import from_dict
 from fdiv_align.targets import RewardScorer, Task, WordPresent
@@ -8,7 +10,8 @@ from fdiv_align.targets import RewardScorer, Task, WordPresent
 def tiny_cfg(**over):
     base = {"model": {"name": "tiny", "device": "cpu"}, "task": {"name": "amazing", "max_new_tokens": 6},
             "trainer": {"steps": 6, "samples_per_step": 8, "micro_batch_size": 8, "eval_every": 3, "eval_samples": 8,
-                        "checkpoint_every": 2, "lr": 1e-2, "deterministic": True, "threads": 1},
+                        "checkpoint_every": 2, "lr": 1e-2, "deterministic": True, "threads": 1,
+                        "precision": "fp32"},
             "logger": {"progress": False}}
     for group, values in over.items():
         base.setdefault(group, {}).update(values)
