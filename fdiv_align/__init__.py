@@ -16,6 +16,16 @@ from .loss import FDivergenceLoss, FDPGLossOutput, f_dpg_loss
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # the trainer pulls in transformers and peft: imported on first use of ``fdiv_align.Trainer``
+    if name in ("Trainer", "Config"):
+        from . import config, trainer
+
+        return {"Trainer": trainer.Trainer, "Config": config.Config}[name]
+    raise AttributeError(f"module 'fdiv_align' has no attribute {name!r}")
+
+
 __all__ = [
     "Divergence",
     "available_divergences",
@@ -29,4 +39,6 @@ __all__ = [
     "FDivergenceLoss",
     "FDPGLossOutput",
     "f_dpg_loss",
+    "Trainer",
+    "Config",
 ]

@@ -21,6 +21,7 @@ overflows (|log ratios| beyond ~700) the call raises instead of letting ±∞/Na
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -165,11 +166,22 @@ class FDivergenceLoss(nn.Module):
     whose context still has an unknown Z (every P so far 0) get coefficient 0 (no update), are
     marked in ``out.skipped`` and counted in :attr:`skipped_samples`; the loss stays the mean over
     all N samples (so that it is differentiable and 0 when nothing is known).
+
+    ``logratio_resolution`` δ (nats; None = off): how far apart two computations of the same log-ratio
+    may be (e.g. log q recorded while sampling and log a rescored by another kernel). An advantage
+    R_i − B_i no larger than what a δ error in the log-ratios could produce — |ΔR_i| + max_j |ΔR_j|
+    with ΔR = R(log t ± δ) − R(log t) — is numerical noise, and its coefficient is set to exactly 0.
+    Without it, a policy already equal to its target (p = a under a constant reward) gets ~1e-5 noise
+    gradients that Adam rescales into full-size steps in random directions.
     """
 
     def __init__(self, divergence: str | Divergence = "js", baseline: str | Baseline | None = None,
-                 log_p_floor: float | None = None, num_contexts: int = 1, **baseline_kwargs):
+                 log_p_floor: float | None = None, num_contexts: int = 1, logratio_resolution: float | None = None,
+                 **baseline_kwargs):
         super().__init__()
+        if logratio_resolution is not None and not (logratio_resolution >= 0 and math.isfinite(logratio_resolution)):
+            raise ValueError(f"logratio_resolution must be None or a finite number ≥ 0, got {logratio_resolution!r}")
+        self.logratio_resolution = logratio_resolution
         self.divergence = get_divergence(divergence)
         self.baseline = get_baseline(baseline, divergence=self.divergence, **baseline_kwargs)
         self.log_p_floor = log_p_floor
@@ -177,6 +189,26 @@ class FDivergenceLoss(nn.Module):
         self.skipped_samples = 0
 
     def forward(self, policy_logprobs, proposal_logprobs, target_logscores, context_ids=None) -> FDPGLossOutput:
+        out = self._forward(policy_logprobs, proposal_logprobs, target_logscores, context_ids)
+        if self.logratio_resolution:
+            self._zero_below_resolution(out, policy_logprobs)
+        return out
+
+    def _zero_below_resolution(self, out: FDPGLossOutput, policy_logprobs: torch.Tensor) -> None:
+        live = ~out.skipped
+        if not live.any():
+            return
+        delta, lt, R = self.logratio_resolution, out.log_ratio, out.pseudo_rewards
+        with torch.no_grad():
+            dR = torch.maximum((self.divergence.pseudo_reward(lt + delta) - R).abs(),
+                               (self.divergence.pseudo_reward(lt - delta) - R).abs())
+            noise = dR + dR[live].max()
+            noise_only = live & (out.advantages.abs() <= noise)
+        if noise_only.any():
+            out.coefficients = torch.where(noise_only, torch.zeros_like(out.coefficients), out.coefficients)
+            out.loss = -(out.coefficients.to(policy_logprobs.dtype) * policy_logprobs).mean()
+
+    def _forward(self, policy_logprobs, proposal_logprobs, target_logscores, context_ids=None) -> FDPGLossOutput:
         self.log_z.update(target_logscores, proposal_logprobs, context_ids)
         n = policy_logprobs.numel()
         device = policy_logprobs.device

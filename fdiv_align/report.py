@@ -25,6 +25,11 @@ COLUMNS = [("kl_p_pi", "KL(p‖π)"), ("kl_pi_p", "KL(π‖p)"), ("js", "JS"), (
            ("kl_pi_a", "KL(π‖a)"), ("distinct_1", "Dist-1"), ("distinct_2", "Dist-2"), ("distinct_3", "Dist-3"),
            ("self_bleu_3", "Self-BLEU-3"), ("entropy", "entropy")]
 DIV_ORDER = ["rkl", "fkl", "js", "tv", "alpha", "chi2"]
+#: columns holding Monte-Carlo estimates of quantities ≥ 0: a negative value is noise, and is marked
+ESTIMATES = ("kl_p_pi", "kl_pi_p", "js", "tv", "kl_pi_a")
+NOISE_NOTE = ("KL(p‖π), KL(π‖p), JS and TV are importance-sampling estimates, KL(π‖a) a Monte-Carlo mean, all from "
+              "the evaluation sample: noisy (± is the standard error over seeds), and a value marked ⁻ is negative — "
+              "noise around a true value ≥ 0.")
 
 
 def find_runs(paths: list[str]) -> list[Path]:
@@ -42,9 +47,17 @@ def find_runs(paths: list[str]) -> list[Path]:
 def load_run(run: Path) -> dict:
     summary = json.loads((run / "summary.json").read_text())
     evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"kind": "eval"' in line]
-    cfg_path = run / ".hydra" / "config.yaml"
-    cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.exists() else {}
+    cfg_path = run / ".hydra" / "config.yaml"  # CLI runs; summary.json carries the config of every run
+    cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.exists() else summary.get("config", {})
     return {"dir": run, "summary": summary, "evals": evals, "config": cfg}
+
+
+def _cell(key, values) -> str:
+    text = _mean_se(values)
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if key in ESTIMATES and vals and sum(vals) / len(vals) < 0:
+        text += " ⁻"
+    return text
 
 
 def _mean_se(values):
@@ -78,15 +91,15 @@ def tables(runs: list[dict]) -> str:
                   "|---|" + "---|" * (len(COLUMNS) + 2)]
         all_runs = [r for d in divs.values() for r in d]
         base = all_runs[0]["summary"]["base"]
-        lines.append("| base (untuned) | " + " | ".join(_mean_se([base.get(k)]) for k, _ in COLUMNS)
+        lines.append("| base (untuned) | " + " | ".join(_cell(k, [base.get(k)]) for k, _ in COLUMNS)
                      + " | – | step-0 evaluation of the runs below |")
         for div in sorted(divs, key=lambda d: (DIV_ORDER.index(d) if d in DIV_ORDER else 99, d)):
             rs = sorted(divs[div], key=lambda r: r["summary"]["seed"])
-            cells = [_mean_se([r["summary"]["final"].get(k) for r in rs]) for k, _ in COLUMNS]
+            cells = [_cell(k, [r["summary"]["final"].get(k) for r in rs]) for k, _ in COLUMNS]
             seeds = ",".join(str(r["summary"]["seed"]) for r in rs)
             settings = "; ".join(sorted({_settings(r) for r in rs}))
             lines.append(f"| {div} | " + " | ".join(cells) + f" | {seeds} | {settings} |")
-        lines.append("")
+        lines += ["", NOISE_NOTE, ""]
     return "\n".join(lines)
 
 

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from .attention import register_grouped_eager
-from .checkpoint import load_latest, save_checkpoint
+from .checkpoint import list_checkpoints, load_latest, save_checkpoint
 from .config import Config, to_dict, validate
 from .divergences import get_divergence
 from .estimators import estimate_divergences
@@ -129,7 +129,8 @@ class Trainer:
         self.divergence = get_divergence(cfg.divergence.name, **({"alpha": cfg.divergence.alpha} if cfg.divergence.name == "alpha" else {}))
         baseline_kwargs = {"momentum": tc.baseline_momentum} if tc.baseline == "moving_average" else {}
         # the floor (if any) is applied to log Φ before the loss (see _floored_log_P), not to log P
-        self.loss_fn = FDivergenceLoss(self.divergence, tc.baseline, None, num_contexts=len(self.contexts), **baseline_kwargs)
+        self.loss_fn = FDivergenceLoss(self.divergence, tc.baseline, None, num_contexts=len(self.contexts),
+                                       logratio_resolution=tc.logratio_resolution or None, **baseline_kwargs)
         self.optimizer = self._make_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
         self.generator = torch.Generator().manual_seed(tc.seed)
@@ -483,11 +484,12 @@ class Trainer:
 
     def _non_finite_message(self, grad_norm: float, out) -> str:
         coef = out.coefficients[~out.skipped] if out.skipped is not None else out.coefficients
-        saved = self.output_dir / "checkpoints"
+        saved = list_checkpoints(self.output_dir / "checkpoints")
+        saved = f"the last checkpoint, {saved[-1]}, is intact" if saved else "no checkpoint was written yet"
         return (f"step {self.step + 1}: the gradient norm is {grad_norm} with divergence {self.divergence.name!r}: "
                 f"the surrogate's coefficients are heavy-tailed (max |coefficient| {float(coef.abs().max()):.3g}, "
                 f"ESS {float(out.ess):.1f} of {len(coef)}) and the backward pass overflowed. The parameters were NOT "
-                f"updated; the last checkpoint in {saved} is intact. Divergences whose f′ is unbounded (chi2, alpha ≥ 1, "
+                f"updated; {saved}. Divergences whose f′ is unbounded (chi2, alpha ≥ 1, "
                 f"rkl) weight rare samples by powers of π/p: use a bounded one (js, tv), a smaller trainer.lr, or a "
                 f"higher divergence.log_p_floor.")
 
@@ -543,14 +545,15 @@ class Trainer:
         lengths = self._gather(torch.cat([b.mask.sum(-1) for b in batches]))
         log_z, known = self.loss_fn.log_z.log_z(ctx)
         record = {"kind": "eval", "alignment": float(align.mean()), "alignment_se": float(align.std() / math.sqrt(M)),
-                  "kl_pi_a": float((log_pi - log_a).mean()), "entropy": float(-log_pi.mean()),
+                  "kl_pi_a": float((log_pi - log_a).mean()), "kl_pi_a_se": float((log_pi - log_a).std() / math.sqrt(M)),
+                  "entropy": float(-log_pi.mean()),
                   "entropy_per_token": float(-log_pi.sum() / lengths.sum()),
                   "distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2), "distinct_3": distinct_n(texts, 3),
                   "self_bleu_3": self_bleu(texts, 3), "samples_seen": self.samples_seen}
         if known.all():
             est = estimate_divergences(log_pi, log_pi, log_P, log_z)
             for key in ("kl_p_pi", "kl_pi_p", "js", "tv"):
-                record[key] = est[key].value
+                record[key], record[key + "_se"] = est[key].value, est[key].stderr
         return record, {"texts": texts, "contexts": contexts, "alignment": align.tolist()}
 
     # ------------------------------------------------------------------ checkpoints

@@ -92,5 +92,6 @@ def test_boolean_mask_and_gradients_match_eager():
         grads = torch.autograd.grad((o * torch.linspace(-1, 1, D, dtype=torch.float64)).sum(), (q, k, v))
         outs.append((o, w, grads))
     for o, w, grads in outs[1:]:
-        assert torch.allclose(o, outs[0][0], atol=1e-12) and torch.allclose(w, outs[0][1], atol=1e-12)
-        assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(grads, outs[0][2]))
+        # fp64, different kernels (batched vs grouped matmuls): a rounding bound, not bit-equality
+        assert torch.allclose(o, outs[0][0], rtol=1e-12, atol=1e-12) and torch.allclose(w, outs[0][1], rtol=1e-12, atol=1e-12)
+        assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-12) for a, b in zip(grads, outs[0][2]))

@@ -152,7 +152,7 @@ def test_distributional_constraint_scorer():
     texts = ["she said", "he said", "her and him and her", "nothing"]
     assert female_feature(texts) == [1.0, 0.0, 1.0, 0.0]
     fit = c.fit(texts, [""] * 4)
-    assert abs(float(fit.achieved[0]) - 0.5) < 1e-9
+    assert abs(float(fit.achieved[0]) - 0.5) < 2e-9 * 0.5  # relative: the fit's convergence tolerance
     assert torch.allclose(c.log_scores(texts), torch.tensor(female_feature(texts), dtype=torch.float64) * fit.lambdas[0])
 
 

@@ -260,8 +260,9 @@ class ProbabilityScorer(Scorer):
 
     def _log_scores(self, texts, contexts):
         v = torch.as_tensor(self.fn(list(texts), list(contexts)), dtype=torch.float64).flatten()
-        bad = torch.isnan(v) | (v < 0) | torch.isinf(v)
+        bad = torch.isnan(v) | (v < 0) | (v > 1)
         if bad.any():
             i = int(bad.nonzero()[0])
-            raise ScorerError(f"scorer {self.name!r} returned {float(v[i])} (expected a probability ≥ 0) for text {texts[i][:120]!r}")
+            raise ScorerError(f"scorer {self.name!r} returned {float(v[i])} (expected a probability in [0, 1]) for text "
+                              f"{texts[i][:120]!r}; for an unbounded positive score use RewardScorer")
         return torch.log(v)
