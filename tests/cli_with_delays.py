@@ -1,7 +1,7 @@
 """Runs the ``fdiv-align`` CLI with one phase slowed down, so that signal tests can hit that phase.
 
 ``FDIV_TEST_DELAY=<phase>:<seconds>``, phase ∈ load (model loading), sample (every sampling call of
-a training step after step 1), update (every policy_loss call after step 1). ``READY <phase>`` is
+a training step after step 1, not the evaluations), update (every policy_loss call after step 1). ``READY <phase>`` is
 printed on stderr when the delay starts. Everything else is the real CLI."""
 
 import os
@@ -17,7 +17,7 @@ seconds = float(seconds or 0)
 
 def delayed(name, fn, after_step=1):
     def wrapper(self, *args, **kwargs):
-        if self.step >= after_step:
+        if self.step >= after_step and kwargs.get("proposal", True):  # training steps, not evaluations
             print(f"READY {name} step {self.step}", file=sys.stderr, flush=True)
             time.sleep(seconds)
         return fn(self, *args, **kwargs)

@@ -2,6 +2,7 @@
 trainer then takes checked end to end (autocast dtype, head GEMM dtype, frozen weights' dtype, the
 kernel's compile flag, the line printed at start and summary.json)."""
 
+import importlib
 import json
 
 import pytest
@@ -68,8 +69,7 @@ def test_no_compiler_means_eager_with_one_line(tmp_path, capsys, monkeypatch):
     say so, and train; compile=true must refuse at start naming the reason."""
     monkeypatch.setattr(precision, "_cxx_compiler", lambda: None)
     calls = []
-    import fdiv_align.kernels.token_logprobs as tl
-
+    tl = importlib.import_module("fdiv_align.kernels.token_logprobs")  # the module, not the function
     real_get = tl._get
     monkeypatch.setattr(tl, "_get", lambda fn, compile: calls.append(compile) or real_get(fn, compile))
     tr, summary, err = _run(tmp_path / "a", capsys, compile=None)
@@ -81,8 +81,7 @@ def test_no_compiler_means_eager_with_one_line(tmp_path, capsys, monkeypatch):
 
 
 def test_compile_false_runs_the_eager_kernels(tmp_path, capsys, monkeypatch):
-    import fdiv_align.kernels.token_logprobs as tl
-
+    tl = importlib.import_module("fdiv_align.kernels.token_logprobs")  # the module, not the function
     calls = []
     real_get = tl._get
     monkeypatch.setattr(tl, "_get", lambda fn, compile: calls.append(compile) or real_get(fn, compile))
