@@ -170,6 +170,7 @@ class Trainer:
 
     def _load_model(self) -> LoadedModel:
         m = self.cfg.model
+        say(f"loading model {m.name} on {self.device}")
         if m.name == "tiny":
             return tiny_model(seed=m.seed, dtype=m.dtype)
         return load_model(m.name, dtype=m.dtype, quantization=m.quantization, device=self.device)

@@ -87,3 +87,13 @@ def test_compile_false_runs_the_eager_kernels(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(tl, "_get", lambda fn, compile: calls.append(compile) or real_get(fn, compile))
     tr, _, err = _run(tmp_path, capsys, compile=False)
     assert calls and not any(calls) and "torch.compile off (trainer.compile=false)" in err
+
+
+@pytest.mark.parametrize("features,speedup,bf16", [([], None, False), (["amx_bf16"], 3.0, True)])
+def test_trl_integration_follows_the_same_decision(monkeypatch, features, speedup, bf16):
+    from fdiv_align.integrations.trl import rloo_config_kwargs
+
+    monkeypatch.setattr(precision, "cpu_bf16_features", lambda: features)
+    monkeypatch.setattr(precision, "bf16_speedup", lambda use_cache=True: speedup)
+    assert rloo_config_kwargs(exact=False, device="cpu")["bf16"] is bf16
+    assert rloo_config_kwargs(exact=True, device="cpu")["bf16"] is False  # exact: fp32 always

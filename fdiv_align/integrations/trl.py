@@ -33,14 +33,20 @@ from ..sampling import Batch, SamplingConfig, score
 __all__ = ["FDivergenceReward", "rloo_config_kwargs"]
 
 
-def rloo_config_kwargs(exact: bool = True) -> dict:
+def rloo_config_kwargs(exact: bool = True, precision: str = "auto", device=None) -> dict:
     """RLOOConfig settings under which TRL's loss is the f-DPG loss with a leave-one-out baseline.
 
-    ``exact``: also turn off TRL's mixed precision (transformers enables bf16 autocast by default on
-    CPUs with bf16 support, which moves sequence log-probs by ~1e-2 nats)."""
+    ``exact``: fp32 (TRL's mixed precision off: transformers enables bf16 autocast by default on CPUs
+    with bf16 support, which moves sequence log-probs by ~1e-2 nats). Otherwise TRL's ``bf16`` follows
+    the same hardware decision as our trainer (:func:`fdiv_align.precision.choose_precision` for
+    ``precision`` = auto | fp32 | bf16 on ``device``, default: cuda when visible, else cpu) — never bf16
+    on a CPU that runs bf16 products in a slow fallback."""
+    from ..models import resolve_device
+    from ..precision import choose_precision
+
     kw = {"beta": 0.0, "num_iterations": 1, "normalize_advantages": False, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
-    if exact:
-        kw.update(bf16=False, fp16=False)
+    chosen = "fp32" if exact else choose_precision(precision, resolve_device(device))[0]
+    kw.update(bf16=chosen == "bf16", fp16=False)
     return kw
 
 
