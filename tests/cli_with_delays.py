@@ -1,7 +1,7 @@
 """Runs the ``fdiv-align`` CLI with one phase slowed down, so that signal tests can hit that phase.
 
 ``FDIV_TEST_DELAY=<phase>:<seconds>``, phase ∈ load (model loading), sample (every sampling call of
-a training step after step 1, not the evaluations), update (every policy_loss call after step 1). ``READY <phase>`` is
+a training step after step 2 — the sampling of step 3 —, not the evaluations), update (every policy_loss call after step 1). ``READY <phase>`` is
 printed on stderr when the delay starts. Everything else is the real CLI."""
 
 import os
@@ -34,7 +34,7 @@ if phase == "load":
 
     T.Trainer._load_model = slow_load
 elif phase == "sample":
-    T.Trainer._sample = delayed("sample", T.Trainer._sample)
+    T.Trainer._sample = delayed("sample", T.Trainer._sample, after_step=2)
 elif phase == "update":
     T.Trainer.policy_loss = delayed("update", T.Trainer.policy_loss)
 

@@ -23,7 +23,7 @@ from fdiv_align.targets.scorers import ScorerError
 from fdiv_align.trainer import NonFiniteGradientError, Trainer
 
 HERE = Path(__file__).parent
-SMOKE = ["model=tiny", "trainer=smoke", "task=amazing", "logger.progress=false", "model.device=cpu"]
+SMOKE = ["model=tiny", "trainer=smoke", "task=amazing", "logger.progress=false", "model.device=cpu", "trainer.compile=false"]
 
 
 def _cli(args, cwd, delay="", **popen):

@@ -15,10 +15,13 @@ from fdiv_align.sampling import SamplingConfig, sample, score
 LOAD_SNIPPET = """
 import time, os
 t = time.perf_counter()
+import torch
 from fdiv_align.models import load_model
 from fdiv_align.sampling import sample
+rng = torch.get_rng_state()
 lm = load_model("smollm2-135m")
-import torch
+# materialising (first load) builds a randomly initialised model: the caller's random state must not move
+assert torch.equal(rng, torch.get_rng_state()), "loading the embedded model consumed random numbers"
 b = sample(lm.model, lm.tokenizer, ["The weather"], 1, 5, generator=torch.Generator().manual_seed(0))
 assert len(b.texts[0]) > 0
 print("LOADTIME", time.perf_counter() - t)

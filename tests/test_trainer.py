@@ -24,7 +24,7 @@ def toy_cfg(div, proposal="on", steps=40):
     return from_dict({"model": {"name": "tiny"}, "divergence": {"name": div}, "task": {"max_new_tokens": 3},
                       "trainer": {"steps": steps, "samples_per_step": 32, "micro_batch_size": 32, "eval_every": 0,
                                   "eval_samples": 8, "checkpoint_every": 0, "lr": 3e-2, "stop_at_eos": False,
-                                  "proposal": proposal, "proposal_update_every": 2, "threads": 1},
+                                  "proposal": proposal, "proposal_update_every": 2, "threads": 1, "precision": "fp32"},
                       "logger": {"progress": False, "jsonl": False}})
 
 
