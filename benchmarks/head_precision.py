@@ -19,7 +19,8 @@ import torch
 
 from fdiv_align.kernels import token_logprobs
 from fdiv_align.models import load_model
-from fdiv_align.sampling import _continuation_hidden, log_softmax_fp32, sample
+from fdiv_align.logprobs import log_softmax_fp32
+from fdiv_align.sampling import _continuation_hidden, sample
 
 
 def main():

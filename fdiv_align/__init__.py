@@ -1,6 +1,6 @@
 """fdiv_align: align language models with preferences by minimising an f-divergence (f-DPG).
 
-Conventions (DESIGN §3, docs/math.md): D_f(π‖p) = E_p[f(π/p)], t = π/p; ``rkl`` = KL(π‖p),
+Conventions (docs/math.md, "Divergences"): D_f(π‖p) = E_p[f(π/p)], t = π/p; ``rkl`` = KL(π‖p),
 ``fkl`` = KL(p‖π). The loss :func:`f_dpg_loss` has E[∇loss] = ∇D exactly given the exact log Z.
 """
 

@@ -1,6 +1,6 @@
 """f-divergences D_f(π‖p) = E_{x∼p}[f(π(x)/p(x))], evaluated in log space.
 
-Convention (DESIGN §3, fixed for the whole library): t = π(x)/p(x), f convex, f(1) = 0.
+Convention (docs/math.md, "Divergences"; fixed for the whole library): t = π(x)/p(x), f convex, f(1) = 0.
 Every function here takes ``log_t = log π − log p`` and never forms t itself unless that is
 safe. The pseudo-reward is R = −f′(t); the f-DPG gradient is ∇D = E_π[f′(t) ∇ log π].
 

@@ -1,4 +1,4 @@
-"""Importance-sampling estimators (DESIGN §4–§5), all in log space.
+"""Importance-sampling estimators (docs/math.md, "The estimator and the loss", "Estimates reported during training"), all in log space.
 
 Notation: samples x ∼ q (the proposal), log π = policy log-prob, log P = unnormalised target
 log-score (−∞ allowed), log Ẑ = estimated log partition function, p = P/Z.
@@ -197,7 +197,7 @@ def estimate_divergences(
     base_logprobs=None,
     alignment_scores=None,
 ) -> dict[str, Estimate]:
-    """IS estimates from samples of q (DESIGN §5); each an :class:`Estimate` (value, stderr).
+    """IS estimates from samples of q (docs/math.md, "Estimates reported during training"); each an :class:`Estimate` (value, stderr).
 
     Returns ``kl_p_pi`` = KL(p‖π) = E_q[(P/(Ẑq))(log P − log Ẑ − log π)] (P = 0 terms are 0),
     ``kl_pi_p`` = KL(π‖p) = E_q[(π/q)(log π − log P + log Ẑ)] (∞ if π/q > 0 where P = 0),

@@ -1,4 +1,4 @@
-"""The importance-sampled f-DPG surrogate loss (DESIGN §4).
+"""The importance-sampled f-DPG surrogate loss (docs/math.md, "The estimator and the loss").
 
 For samples x_i ∼ q with policy log-probs log π_i (carrying the graph), proposal log-probs
 log q_i, target log-scores log P_i and log Z:

@@ -22,56 +22,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .kernels import weighted_token_logprob_sum
+from .logprobs import SamplingConfig, fused_head_weights, head_inputs, head_logits, transformed_logprobs
+
 __all__ = ["SamplingConfig", "Batch", "transformed_logprobs", "encode_contexts", "sample", "score", "weighted_logprob_sum",
            "make_batch", "backbone_and_head"]
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    temperature: float = 1.0
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
-
-    def __post_init__(self):
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be ≥ 0 (0 = off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-
-    @property
-    def is_identity(self) -> bool:
-        return self.temperature == 1.0 and self.top_k == 0 and self.top_p == 1.0
-
-
-def transformed_logprobs(logits: torch.Tensor, config: SamplingConfig = SamplingConfig()) -> torch.Tensor:
-    """log-probabilities (fp32) of the distribution sampled from under ``config``; −inf where cut."""
-    logits = logits.float()
-    if config.temperature != 1.0:
-        logits = logits / config.temperature
-    if config.top_k and config.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, config.top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if config.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        mass_before = probs.cumsum(-1) - probs
-        cut_sorted = mass_before >= config.top_p  # keep tokens until the kept mass reaches top_p
-        cut = torch.zeros_like(cut_sorted).scatter(-1, order, cut_sorted)
-        logits = logits.masked_fill(cut, float("-inf"))
-    return log_softmax_fp32(logits)
-
-
-def log_softmax_fp32(z: torch.Tensor) -> torch.Tensor:
-    """z − max − log Σ exp(z − max) over the last axis, in fp32 with torch's cascade ``sum``. Unlike
-    ``torch.log_softmax``'s fp32 kernel — biased by +7·10⁻⁶ per token on SmolLM2's logits against fp64
-    (``python benchmarks/head_precision.py``), which adds up over a sequence — its error is the rounding
-    of z − max (mean +6·10⁻⁹ there), like the sampler's log q(token) = log w − log Σ w with w = exp(z − max), so recorded
-    and rescored log-probs agree."""
-    m = z.amax(-1, keepdim=True)
-    shifted = z - m.masked_fill(torch.isinf(m), 0.0)  # a row cut entirely to −inf stays −inf, not NaN
-    return shifted - torch.log(torch.exp(shifted).sum(-1, keepdim=True))
 
 
 @dataclass
@@ -326,25 +281,6 @@ def make_batch(tokenizer, contexts: list[str], continuations: list[str], context
     return Batch(context_index, list(contexts), prompt_ids, prompt_mask, tokens, mask, None, list(continuations))
 
 
-def head_logits(head, hidden: torch.Tensor, head_dtype: torch.dtype | None = None,
-                buffers: dict | None = None) -> torch.Tensor:
-    """fp32 logits of the output head, outside any autocast: the backbone may run in bf16, but the
-    logits (and hence every log-probability the estimator sees) are fp32. ``head_dtype`` (bf16): a
-    plain linear head's GEMMs run in that dtype, shifted per row so that the fp32 logits near the
-    top keep their precision (:mod:`fdiv_align.kernels.low_precision_head`); None = fp32 GEMMs.
-    ``buffers``: reused output memory for repeated calls of one shape (the decoding loop)."""
-    with torch.autocast(hidden.device.type, enabled=False):
-        if type(head) is torch.nn.Linear and head_dtype not in (None, torch.float32):
-            from .kernels import shifted_head_logits
-
-            return shifted_head_logits(hidden, head.weight, head.bias, head_dtype, buffers)
-        if type(head) is torch.nn.Linear:
-            bias = None if head.bias is None else head.bias.float()
-            return torch.nn.functional.linear(hidden.float(), head.weight.float(), bias)
-        weight = getattr(head, "weight", None)
-        return head(hidden.to(weight.dtype) if weight is not None else hidden).float()
-
-
 def backbone_and_head(model):
     """(decoder returning hidden states, lm_head) of a HF causal LM, PEFT-wrapped or not."""
     inner = model
@@ -413,8 +349,6 @@ def weighted_logprob_sum(model, batch: Batch, sequence_weights: torch.Tensor, co
     if not fused:
         _, seq = score(model, batch, config, pad_id=pad_id, head_dtype=head_dtype)
         return (w * seq).sum(), seq.detach()
-    from .kernels import fused_head_weights, head_inputs, weighted_token_logprob_sum
-
     h, head = _continuation_hidden(model, batch, "left", pad_id)
     weight, bias = fused_head_weights(head, config)
     h, weight = head_inputs(h, weight, head_dtype)

@@ -1,4 +1,4 @@
-"""The one f-DPG training loop, for every divergence (DESIGN §4, §5, §7).
+"""The one f-DPG training loop, for every divergence (docs/math.md; the run-safety contracts in docs/design.md).
 
 One step: draw contexts and uniforms → sample x ∼ q with log q recorded (q = πθ on-policy, a
 frozen copy otherwise) → log a(x) from the reference (the policy with LoRA adapters disabled, or a
@@ -41,6 +41,7 @@ from .divergences import get_divergence
 from .estimators import estimate_divergences
 from .fast_lora import install_fast_lora_forward
 from .interrupts import RunInterrupted, stop_requests
+from .logprobs import head_logprob_fn
 from .loss import FDivergenceLoss
 from .metrics import MetricsLogger, distinct_n, self_bleu
 from .models import LoadedModel, load_model, resolve_device, tiny_model
@@ -274,8 +275,6 @@ class Trainer:
         return 1.0
 
     def _make_logprob_fn(self):
-        from .kernels import head_logprob_fn
-
         return head_logprob_fn(allow_fallback=False, compile=self.plan.compile, head_dtype=self.head_dtype)
 
     # ------------------------------------------------------------------ model passes

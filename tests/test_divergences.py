@@ -103,7 +103,7 @@ def test_alpha_limits_match_kl(limit, name):
 
 
 def test_pseudo_rewards_table():
-    """The pseudo-rewards of DESIGN §3 written in terms of π and p."""
+    """The pseudo-rewards of docs/math.md ("Divergences") written in terms of π and p."""
     pi, p = torch.tensor([0.2, 0.5, 0.01], dtype=F64), torch.tensor([0.4, 0.1, 0.3], dtype=F64)
     lt = (pi / p).log()
     assert torch.allclose(get_divergence("fkl").pseudo_reward(lt), p / pi)

@@ -1,4 +1,4 @@
-"""IS estimators of DESIGN §5 against exact enumerated values; log-Z accumulator; baselines."""
+"""IS estimators of docs/math.md ("Estimates reported during training") against exact enumerated values; log-Z accumulator; baselines."""
 
 import math
 

@@ -126,6 +126,19 @@ def test_second_backward_with_kept_logits_is_refused():
     assert torch.allclose(hf.grad, 2 * first)
 
 
+def test_second_backward_through_weighted_sum_is_refused():
+    """The weighted sum's gradients are made in the forward and scaled in place by the backward: a
+    second backward (retain_graph) would return a wrongly scaled gradient, so it must fail loudly."""
+    h, w, b, y, gl, _ = make(9, 6, 20, seed=8)
+    hf = h.float().requires_grad_(True)
+    total, _ = weighted_token_logprob_sum(hf, w.float(), y, gl.float(), compile=False)
+    (3.0 * total).backward(retain_graph=True)
+    first = hf.grad.clone()
+    with pytest.raises(RuntimeError, match="weighted_token_logprob_sum: backward ran twice"):
+        (3.0 * total).backward()
+    assert torch.equal(hf.grad, first)  # nothing was added by the refused call
+
+
 def test_bad_chunk_and_tile_are_refused():
     h, w, b, y, *_ = make(6, 4, 10, seed=7)
     with pytest.raises(ValueError, match="vocab_tile must be a positive"):
@@ -149,7 +162,7 @@ def test_weighted_sum_matches_reference():
 
 
 def test_peft_wrapped_head_is_refused():
-    from fdiv_align.kernels import plain_linear_head
+    from fdiv_align.logprobs import plain_linear_head
 
     class Wrapped(torch.nn.Module):
         def __init__(self):

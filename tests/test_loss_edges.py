@@ -33,7 +33,7 @@ def test_zero_target_samples(spec):
         assert torch.isfinite(out.loss) and torch.isfinite(out.coefficients).all()
         out.loss.backward()
         assert torch.isfinite(lp.grad).all()
-        # the finite limits of DESIGN §3: fkl R = p/π = 0, js R = −½ log 2, tv R = −½
+        # the finite limits of docs/math.md ("Samples outside the support"): fkl R = p/π = 0, js R = −½ log 2, tv R = −½
         expected = {"fkl": 0.0, "js": -0.5 * math.log(2), "tv": -0.5}.get(div.name)
         if expected is not None:
             assert torch.allclose(out.pseudo_rewards[:2], torch.full((2,), expected, dtype=torch.float64))

@@ -353,11 +353,17 @@ class _WeightedSum(torch.autograd.Function):
         total = (wts * lp_all).sum()
         ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (grad_h, grad_w, grad_b)))
         ctx.flags = (need_h, need_w, need_b, hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.consumed = False
         ctx.mark_non_differentiable(lp_all)
         return total, lp_all
 
     @staticmethod
     def backward(ctx, g_total, _g_lp):
+        if ctx.consumed:
+            raise RuntimeError("weighted_token_logprob_sum: backward ran twice through one forward, but its gradients "
+                               "(computed in the forward pass) were handed out and scaled in place by the first; call "
+                               "weighted_token_logprob_sum again for another backward")
+        ctx.consumed = True
         grad_h, grad_w, grad_b = ctx.saved_tensors
         need_h, need_w, need_b, hdtype, wdtype, bdtype = ctx.flags
         s = g_total.float()

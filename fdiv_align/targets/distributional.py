@@ -1,4 +1,4 @@
-"""Distributional constraints (DESIGN §6): P(x) = a(x)·exp(λ·φ(x)) with E_p[φ] = μ̄.
+"""Distributional constraints (docs/user_guide.md, "Targets"): P(x) = a(x)·exp(λ·φ(x)) with E_p[φ] = μ̄.
 
 λ minimises the convex dual  g(λ) = log Σ_j (a(x_j)/q(x_j)) e^{λ·φ_j} − λ·μ̄  on samples of q.
 ∇g = E_w[φ] − μ̄ and ∇²g = Cov_w[φ] with self-normalised weights w_j ∝ (a_j/q_j) e^{λ·φ_j}; we use
