@@ -30,18 +30,20 @@ def run_variant(name, samples, tokens):
                                  "eval_samples": samples, "checkpoint_every": 0},
                      "logger": {"progress": False, "jsonl": False}})
 
-    class SeparateReference(Trainer):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            self.separate = copy.deepcopy(self.model.get_base_model()).eval()  # what a 2-model setup holds
+    if name == "lora_separate_reference":  # what a 2-model setup holds: a separate copy of the base scores a(x)
+        from fdiv_align.policy import Policy
+
+        separate = {}
 
         @torch.no_grad()
-        def base_logprobs(self, batch):
-            return score(self.separate, batch, SamplingConfig(), pad_id=self.tokenizer.pad_token_id)[1].double()
+        def reference_logprobs(self, batch):
+            if "model" not in separate:
+                separate["model"] = copy.deepcopy(self.model.get_base_model()).eval()
+            return score(separate["model"], batch, SamplingConfig(), pad_id=self.pad_id)[1].double()
 
-    cls = SeparateReference if name == "lora_separate_reference" else Trainer
+        Policy.reference_logprobs = reference_logprobs  # before the trainer binds it (a fresh process per variant)
     with tempfile.TemporaryDirectory() as d:
-        cls(cfg, output_dir=d).train()
+        Trainer(cfg, output_dir=d).train()
     for line in open("/proc/self/status"):  # VmHWM: not inherited from the parent across fork+exec
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024

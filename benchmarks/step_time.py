@@ -87,9 +87,9 @@ def step_flops(trainer) -> dict:
     """Counted matmul FLOPs of one step: 2·P per token for sampling (prefill + each new token), 2·P for
     the reference forward, 4·P for the policy forward + activation backward (LoRA: frozen weights get
     no weight-gradient matmul). P = parameters of the linear layers incl. the output head."""
-    model = trainer.model.get_base_model() if trainer.use_lora else trainer.model
+    model = trainer.policy.model.get_base_model() if trainer.policy.use_lora else trainer.policy.model
     P = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    prompt = len(trainer.tokenizer(PROMPT)["input_ids"]) + 1
+    prompt = len(trainer.policy.tokenizer(PROMPT)["input_ids"]) + 1
     tokens = SAMPLES * (prompt + NEW_TOKENS)  # upper bound on tokens processed per pass (EOS may stop earlier)
     return {"params_matmul": P, "tokens_per_pass": tokens, "flops": 8 * P * tokens}
 

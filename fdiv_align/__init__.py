@@ -4,7 +4,7 @@ Conventions (docs/math.md, "Divergences"): D_f(π‖p) = E_p[f(π/p)], t = π/p;
 ``fkl`` = KL(p‖π). The loss :func:`f_dpg_loss` has E[∇loss] = ∇D exactly given the exact log Z.
 """
 
-from .divergences import Divergence, available_divergences, exact_divergence, get_divergence
+from .divergences import Divergence, available_divergences, exact_divergence, get_divergence, register_divergence
 from .estimators import (
     Estimate,
     LogZAccumulator,
@@ -31,6 +31,7 @@ __all__ = [
     "available_divergences",
     "exact_divergence",
     "get_divergence",
+    "register_divergence",
     "Estimate",
     "LogZAccumulator",
     "effective_sample_size",

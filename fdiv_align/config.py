@@ -43,11 +43,12 @@ class ModelConfig:
 
 @dataclass
 class DivergenceConfig:
-    name: str = "js"  # rkl | fkl | js | tv | alpha | chi2
-    alpha: float = 0.5  # used by ``alpha`` only
+    name: str = "js"  # rkl | fkl | js | tv | alpha | chi2, or any name given to register_divergence
+    #: keyword arguments of the divergence's class, checked by the registry (alpha: {alpha: 0.5})
+    params: dict = field(default_factory=dict)
     #: for divergences infinite where P = 0 (rkl, chi2, alpha ≥ 1): floor on the scorers' log-score, so that
     #: log P = log a + max(log Φ, floor) (the trainer optimises towards that p_ε); null = refuse P = 0 samples
-    log_p_floor: Optional[float] = None
+    log_phi_floor: Optional[float] = None
 
 
 @dataclass
@@ -192,7 +193,8 @@ def validate(cfg: Config) -> None:
         (t.threads is None or t.threads >= 1, f"trainer.threads must be null or ≥ 1, got {t.threads!r}"),
         (m.quantization in (None, "4bit", "8bit"), f"model.quantization must be null, '4bit' or '8bit', got {m.quantization!r}"),
         (m.lora_r >= 1, f"model.lora_r must be ≥ 1, got {m.lora_r!r}"),
-        (d.log_p_floor is None or _finite(d.log_p_floor), f"divergence.log_p_floor must be null or a finite number, got {d.log_p_floor!r}"),
+        (d.log_phi_floor is None or _finite(d.log_phi_floor),
+         f"divergence.log_phi_floor must be null or a finite number, got {d.log_phi_floor!r}"),
         (_finite(k.beta) and k.beta > 0, f"task.beta must be a finite number > 0, got {k.beta!r}"),
         (k.max_new_tokens is None or k.max_new_tokens >= 1, f"task.max_new_tokens must be null or ≥ 1, got {k.max_new_tokens!r}"),
         (k.num_contexts >= 1, f"task.num_contexts must be ≥ 1, got {k.num_contexts!r}"),

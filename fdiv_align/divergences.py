@@ -41,6 +41,7 @@ __all__ = [
     "AlphaDivergence",
     "ChiSquared",
     "get_divergence",
+    "register_divergence",
     "available_divergences",
     "exact_divergence",
 ]
@@ -203,6 +204,22 @@ _REGISTRY: dict[str, Callable[..., Divergence]] = {
     "alpha": AlphaDivergence,
     "chi2": ChiSquared,
 }
+
+
+def register_divergence(name: str):
+    """Class decorator adding a :class:`Divergence` subclass to the registry under ``name``, so that
+    ``get_divergence(name, **params)`` and the config (``divergence.name``, ``divergence.params``)
+    reach it — a new divergence is one class (f and f′ of log t) plus one YAML under conf/divergence/
+    (docs/design.md, "Adding a divergence")."""
+    def add(cls):
+        if not (isinstance(cls, type) and issubclass(cls, Divergence)):
+            raise TypeError(f"register_divergence({name!r}): expected a Divergence subclass, got {cls!r}")
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"divergence {name!r} is already registered ({_REGISTRY[name].__name__})")
+        _REGISTRY[name] = cls
+        return cls
+
+    return add
 
 
 def available_divergences() -> list[str]:

@@ -20,13 +20,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .divergences import LOG2
+from .divergences import LOG2, get_divergence
 
 __all__ = [
     "LogZAccumulator",
     "Estimate",
     "effective_sample_size",
     "estimate_divergences",
+    "estimate_f_divergence",
     "Baseline",
     "NoBaseline",
     "MovingAverageBaseline",
@@ -232,6 +233,25 @@ def estimate_divergences(
         log_a = _as_1d("base_logprobs", base_logprobs).detach().to(torch.float64)
         out["kl_pi_a"] = Estimate.of_terms(_xlogy_terms(log_w, log_pi - log_a))
     return out
+
+
+def estimate_f_divergence(divergence, policy_logprobs, proposal_logprobs, target_logscores, log_z) -> Estimate:
+    """IS estimate of D_f(π‖p) = E_p[f(π/p)] from samples of q for *any* divergence, from its ``f``
+    alone: terms (p/q)·f(t) where P > 0 and (π/q)·lim_{t→∞} f(t)/t where P = 0 (the same convention
+    as :func:`fdiv_align.divergences.exact_divergence`), so a newly registered divergence is reported too."""
+    div = get_divergence(divergence)
+    log_pi = _as_1d("policy_logprobs", policy_logprobs).detach().to(torch.float64)
+    log_q = _as_1d("proposal_logprobs", proposal_logprobs).detach().to(torch.float64)
+    log_P = _as_1d("target_logscores", target_logscores).detach().to(torch.float64)
+    log_z = torch.as_tensor(log_z, dtype=torch.float64).to(log_pi.device).expand_as(log_pi)
+    log_p = log_P - log_z
+    zero = torch.isneginf(log_P)
+    log_t = torch.where(zero, torch.zeros_like(log_pi), log_pi - log_p)
+    regular = torch.exp(log_p - log_q) * div.f(log_t)
+    slope = div.f_at_infinity_slope
+    w = torch.exp(log_pi - log_q)
+    at_zero = torch.where(w > 0, torch.full_like(w, math.inf), torch.zeros_like(w)) if math.isinf(slope) else w * slope
+    return Estimate.of_terms(torch.where(zero, at_zero, regular))
 
 
 # ----------------------------------------------------------------------------- baselines

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 from collections import Counter
 from pathlib import Path
 
-__all__ = ["distinct_n", "self_bleu", "MetricsLogger"]
+__all__ = ["distinct_n", "self_bleu", "MetricsLogger", "say"]
+
+
+def say(message: str) -> None:
+    """One status line on stderr, ``[fdiv-align] …`` (rank 0 of a data-parallel run only)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"[fdiv-align] {message}", file=sys.stderr, flush=True)
 
 
 def distinct_n(texts: list[str], n: int) -> float:

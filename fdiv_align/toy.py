@@ -191,7 +191,7 @@ def enumeration_batch(tokenizer, sequences: torch.Tensor, context: str = ""):
 def exact_trainer_divergences(trainer, batch, measure=("fkl", "rkl", "js", "tv")) -> dict:
     """Exact D(π‖p) for a :class:`fdiv_align.Trainer` whose sample space is ``batch`` (every sequence)."""
     with torch.no_grad():
-        log_pi = trainer.policy_logprobs(batch).double().cpu()
-        log_P = trainer.target.log_scores(batch, trainer.base_logprobs(batch)).log_P
+        log_pi = trainer.policy.policy_logprobs(batch).double().cpu()
+        log_P = trainer.target.log_scores(batch, trainer.policy.reference_logprobs(batch)).log_P
     log_p = log_P - torch.logsumexp(log_P, 0)
     return {m: float(exact_divergence(m, log_pi, log_p)) for m in measure}

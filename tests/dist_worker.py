@@ -16,4 +16,4 @@ cfg = tiny_cfg(trainer={"steps": 4, "samples_per_step": 8, "micro_batch_size": 4
 trainer = Trainer(cfg, output_dir=out)
 trainer.train()
 rank = int(os.environ.get("RANK", "0"))
-torch.save({n: p.detach() for n, p in trainer.trainable.items()}, os.path.join(out, f"params-rank{rank}.pt"))
+torch.save({n: p.detach() for n, p in trainer.policy.trainable.items()}, os.path.join(out, f"params-rank{rank}.pt"))

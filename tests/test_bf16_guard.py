@@ -33,10 +33,10 @@ def test_bf16_matches_fp32_within_logprob_error(tmp_path, div, lora, fp32_head):
                        model={"lora": lora, "lora_r": 4})
         tr = Trainer(cfg, lm=tiny_model(seed=5), output_dir=tmp_path / ac)
         if batch is None:
-            batch = sample(tr.model, tr.tokenizer, ["", "the cat"], 8, 8, generator=torch.Generator().manual_seed(0))
+            batch = sample(tr.policy.model, tr.policy.tokenizer, ["", "the cat"], 8, 8, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
-            log_pi = tr.policy_logprobs(batch).double()
-            log_a = tr.base_logprobs(batch)
+            log_pi = tr.policy.policy_logprobs(batch).double()
+            log_a = tr.policy.reference_logprobs(batch)
         scores = tr.target.log_scores(batch, log_a)
         log_P = torch.where(torch.isneginf(scores.log_P), torch.full_like(scores.log_P, -30.0), scores.log_P)
         log_z = torch.logsumexp(log_P - log_pi, 0) - torch.log(torch.tensor(float(len(batch))))
@@ -63,21 +63,21 @@ def test_adapter_input_cast_skip_is_exact(tmp_path):
     cfg = tiny_cfg(trainer={"precision": "bf16"}, model={"lora": True, "lora_r": 4})
     tr = Trainer(cfg, lm=tiny_model(seed=5), output_dir=tmp_path)
     with torch.no_grad():  # move the adapters away from B = 0 so that they contribute
-        for name, p in tr.trainable.items():
+        for name, p in tr.policy.trainable.items():
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
-    batch = sample(tr.model, tr.tokenizer, ["", "the cat"], 4, 6, generator=torch.Generator().manual_seed(1),
+    batch = sample(tr.policy.model, tr.policy.tokenizer, ["", "the cat"], 4, 6, generator=torch.Generator().manual_seed(1),
                    autocast_dtype=torch.bfloat16)
-    layers = [m for m in tr.model.modules() if isinstance(m, BaseTunerLayer)]
+    layers = [m for m in tr.policy.model.modules() if isinstance(m, BaseTunerLayer)]
     assert layers and not any(m.cast_input_dtype_enabled for m in layers)
-    uninstall_fast_lora_forward(tr.model)  # PEFT's own forward (the path that casts) for this check
+    uninstall_fast_lora_forward(tr.policy.model)  # PEFT's own forward (the path that casts) for this check
     results = []
     for enabled in (False, True):
         for m in layers:
             m.cast_input_dtype_enabled = enabled
-        tr.model.zero_grad(set_to_none=True)
-        lp = tr.policy_logprobs(batch)
+        tr.policy.model.zero_grad(set_to_none=True)
+        lp = tr.policy.policy_logprobs(batch)
         lp.sum().backward()
-        results.append((lp.detach(), [p.grad.clone() for p in tr.trainable.values()]))
+        results.append((lp.detach(), [p.grad.clone() for p in tr.policy.trainable.values()]))
     (lp0, g0), (lp1, g1) = results
     assert torch.equal(lp0, lp1)
     assert all(torch.equal(a, b) for a, b in zip(g0, g1))
@@ -85,8 +85,8 @@ def test_adapter_input_cast_skip_is_exact(tmp_path):
 
 def test_attention_implementation_is_applied_and_checked(tmp_path):
     tr = Trainer(tiny_cfg(), lm=tiny_model(seed=5), output_dir=tmp_path / "a")
-    assert tr.model.config._attn_implementation == "fdiv_grouped_eager"  # the CPU default
+    assert tr.policy.model.config._attn_implementation == "fdiv_grouped_eager"  # the CPU default
     tr = Trainer(tiny_cfg(model={"attn_implementation": "sdpa"}), lm=tiny_model(seed=5), output_dir=tmp_path / "b")
-    assert tr.model.config._attn_implementation == "sdpa"
+    assert tr.policy.model.config._attn_implementation == "sdpa"
     with pytest.raises(ValueError, match="attn_implementation='no_such_kernel'"):
         Trainer(tiny_cfg(model={"attn_implementation": "no_such_kernel"}), lm=tiny_model(seed=5), output_dir=tmp_path / "c")

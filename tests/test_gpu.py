@@ -58,11 +58,11 @@ def test_cuda_trainer_reproduces_cpu_first_step(tmp_path, lora):
     for device in ("cpu", "cuda"):
         cfg = tiny_cfg(model={"device": device, "lora": lora, "lora_r": 4}, trainer={"steps": 1, "eval_every": 0})
         tr = Trainer(cfg, lm=tiny_model(seed=3), output_dir=tmp_path / device)
-        assert {p.device.type for p in tr.model.parameters()} == {device}
+        assert {p.device.type for p in tr.policy.model.parameters()} == {device}
         recs = []
         tr.callbacks.append(lambda t, s, r: recs.append(r))
         tr.train()
-        records[device] = (recs[0], {n: p.detach().cpu() for n, p in tr.trainable.items()})
+        records[device] = (recs[0], {n: p.detach().cpu() for n, p in tr.policy.trainable.items()})
     (cpu, cpu_params), (gpu, gpu_params) = records["cpu"], records["cuda"]
     for key in ("alignment", "loss", "pseudo_reward", "log_z"):
         assert abs(cpu[key] - gpu[key]) <= 1e-4 * max(1.0, abs(cpu[key])), (key, cpu[key], gpu[key])

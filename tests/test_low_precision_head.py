@@ -101,7 +101,7 @@ def test_trainer_head_dtype_follows_config(tmp_path, fp32_head, expected):
 
     tr = Trainer(tiny_cfg(trainer={"precision": "bf16", "fp32_head": fp32_head}), lm=tiny_model(seed=5),
                  output_dir=tmp_path / "a")
-    assert tr.head_dtype == expected
-    assert Trainer(tiny_cfg(), lm=tiny_model(seed=5), output_dir=tmp_path / "b").head_dtype is None  # fp32 precision: fp32 head
+    assert tr.policy.head_dtype == expected
+    assert Trainer(tiny_cfg(), lm=tiny_model(seed=5), output_dir=tmp_path / "b").policy.head_dtype is None  # fp32 precision: fp32 head
     with pytest.raises(ValueError, match="fp32_head must be true or false, got 'yes'"):
         Trainer(tiny_cfg(trainer={"fp32_head": "yes"}), lm=tiny_model(seed=5), output_dir=tmp_path / "c")

@@ -40,8 +40,8 @@ def test_auto_outcomes_end_to_end(tmp_path, capsys, monkeypatch, features, speed
     assert tr.plan.precision == expected and summary["compute"]["precision"] == expected
     assert json.loads((tmp_path / "summary.json").read_text())["compute"]["precision"] == expected
     want = torch.bfloat16 if expected == "bf16" else None
-    assert tr.autocast_dtype == want and tr.head_dtype == want
-    frozen = {p.dtype for n, p in tr.model.named_parameters() if "base_layer" in n and not p.requires_grad}
+    assert tr.policy.autocast_dtype == want and tr.policy.head_dtype == want
+    frozen = {p.dtype for n, p in tr.policy.model.named_parameters() if "base_layer" in n and not p.requires_grad}
     assert frozen == {torch.bfloat16 if expected == "bf16" else torch.float32}  # the LoRA fast path followed
     assert f"precision {expected}" in err and "auto:" in err  # the choice and its reason, said at start
     assert summary["status"] == "finished"

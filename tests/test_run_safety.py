@@ -20,6 +20,7 @@ from fdiv_align.models import tiny_model
 from fdiv_align.report import NOISE_NOTE, tables
 from fdiv_align.targets import BooleanScorer, ProbabilityScorer, RewardScorer, Task
 from fdiv_align.targets.scorers import ScorerError
+from fdiv_align.run import progress_postfix
 from fdiv_align.trainer import NonFiniteGradientError, Trainer
 
 HERE = Path(__file__).parent
@@ -68,7 +69,7 @@ def test_random_state_consumed_while_loading_does_not_change_the_run(tmp_path, m
 
         monkeypatch.setattr(Trainer, "_load_model", load)
         tr = Trainer(cfg, output_dir=tmp_path / str(consumed))
-        inits.append({n: p.detach().clone() for n, p in tr.trainable.items()})
+        inits.append({n: p.detach().clone() for n, p in tr.policy.trainable.items()})
     assert all(torch.equal(inits[0][n], inits[1][n]) for n in inits[0])
 
 
@@ -166,19 +167,19 @@ def test_non_finite_gradient_stops_the_step_naming_the_cause(tmp_path):
     from fdiv_align.config import from_dict
 
     cfg = from_dict({"model": {"name": "tiny", "lora": False, "device": "cpu"},
-                     "divergence": {"name": "chi2", "log_p_floor": -10.0}, "task": {"name": "amazing"},
+                     "divergence": {"name": "chi2", "log_phi_floor": -10.0}, "task": {"name": "amazing"},
                      "trainer": {"steps": 4, "samples_per_step": 8, "micro_batch_size": 8, "lr": 1e-2, "eval_every": 2,
                                  "eval_samples": 8, "checkpoint_every": 2, "precision": "fp32"},
                      "logger": {"progress": False}})
     tr = Trainer(cfg, output_dir=tmp_path)
-    before = {n: p.detach().clone() for n, p in tr.trainable.items()}
+    before = {n: p.detach().clone() for n, p in tr.policy.trainable.items()}
     snapshots = []
-    tr.callbacks.append(lambda t, step, rec: snapshots.append({n: p.detach().clone() for n, p in t.trainable.items()}))
+    tr.callbacks.append(lambda t, step, rec: snapshots.append({n: p.detach().clone() for n, p in t.policy.trainable.items()}))
     with pytest.raises(NonFiniteGradientError, match=r"step \d+: the gradient norm is (inf|nan) with divergence 'chi2'.*heavy-tailed"):
         tr.train()
     last = snapshots[-1] if snapshots else before
-    assert all(torch.equal(p.detach(), last[n]) for n, p in tr.trainable.items())  # not updated
-    assert all(torch.isfinite(p).all() for p in tr.trainable.values())
+    assert all(torch.equal(p.detach(), last[n]) for n, p in tr.policy.trainable.items())  # not updated
+    assert all(torch.isfinite(p).all() for p in tr.policy.trainable.values())
 
 
 # ---------------------------------------------------------------- 10. smaller findings
@@ -222,7 +223,7 @@ def test_unreachable_target_is_reported_not_nan(tmp_path, capsys):
 
 
 def test_noisy_estimates_are_shown_as_such(tmp_path):
-    bar = Trainer._postfix({"alignment": 0.5, "kl_pi_a": -0.02, "kl_pi_a_se": 0.05, "samples_per_second": 3.0})
+    bar = progress_postfix({"alignment": 0.5, "kl_pi_a": -0.02, "kl_pi_a_se": 0.05, "samples_per_second": 3.0})
     assert bar["kl_pi_a"] == "-0.02±0.05"
     run = {"summary": {"task": "t", "divergence": "js", "seed": 0, "steps": 1, "lora": False,
                        "base": {"kl_pi_a": 0.0, "alignment": 0.1}, "final": {"kl_pi_a": -0.02, "alignment": 0.3}},
@@ -237,10 +238,10 @@ def test_constant_reward_leaves_the_policy_at_the_base(tmp_path):
     task = Task("constant", RewardScorer(lambda t, c: [0.0] * len(t), beta=1.0, name="zero"))
     cfg = tiny_cfg(trainer={"steps": 4, "eval_every": 0}, model={"lora": False})
     tr = Trainer(cfg, lm=tiny_model(seed=0), task=task, output_dir=tmp_path)
-    before = {n: p.detach().clone() for n, p in tr.trainable.items()}
+    before = {n: p.detach().clone() for n, p in tr.policy.trainable.items()}
     summary = tr.train()
     assert abs(summary["final"]["kl_pi_a"]) < 1e-4
-    assert all(torch.equal(p.detach(), before[n]) for n, p in tr.trainable.items())
+    assert all(torch.equal(p.detach(), before[n]) for n, p in tr.policy.trainable.items())
     off = tiny_cfg(trainer={"steps": 4, "eval_every": 0, "logratio_resolution": 0.0}, model={"lora": False})
     drifted = Trainer(off, lm=tiny_model(seed=0), task=task, output_dir=tmp_path / "off").train()
     assert drifted["final"]["kl_pi_a"] > 1.0  # the safeguard is what prevents it

@@ -98,11 +98,11 @@ def test_4bit_base_with_lora_trains(tmp_path):
     tr = Trainer(cfg, output_dir=tmp_path)
     import bitsandbytes as bnb
 
-    assert tr.use_lora and any(isinstance(m, bnb.nn.Linear4bit) for m in tr.model.modules())
-    before = {n: p.detach().clone() for n, p in tr.trainable.items()}
+    assert tr.policy.use_lora and any(isinstance(m, bnb.nn.Linear4bit) for m in tr.policy.model.modules())
+    before = {n: p.detach().clone() for n, p in tr.policy.trainable.items()}
     summary = tr.train()
     assert summary["status"] == "finished" and summary["steps"] == 2
-    moved = max(float((p.detach() - before[n]).abs().max()) for n, p in tr.trainable.items())
+    moved = max(float((p.detach() - before[n]).abs().max()) for n, p in tr.policy.trainable.items())
     assert moved > 0
     with pytest.raises(ValueError, match="only be trained with LoRA"):
         Trainer(from_dict({"model": {"name": "smollm2-135m", "quantization": "4bit", "lora": False}}), output_dir=tmp_path / "x")

@@ -39,14 +39,14 @@ def test_trainer_lowers_exact_divergence_on_enumerable_lm(tmp_path, div, proposa
     after = exact_trainer_divergences(tr, every)
     with capsys.disabled():
         print(f"\n[trainer {div}/{proposal}-policy] exact {div}: {before[div]:.4f} -> {after[div]:.4f}"
-              + (f" (proposal updates {tr.proposal_updates})" if proposal == "off" else ""))
+              + (f" (proposal updates {tr.proposal.updates})" if proposal == "off" else ""))
     assert after[div] <= 0.5 * before[div]
     if proposal == "off":
-        assert tr.proposal_updates >= 1
+        assert tr.proposal.updates >= 1
 
 
 def _params(trainer):
-    return {n: p.detach().clone() for n, p in trainer.trainable.items()}
+    return {n: p.detach().clone() for n, p in trainer.policy.trainable.items()}
 
 
 def test_sigterm_then_resume_equals_uninterrupted(tmp_path):
@@ -138,9 +138,9 @@ def test_lora_uses_base_with_adapters_disabled(tmp_path):
     n_base = sum(p.numel() for p in lm.model.parameters())
     original = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
     tr = Trainer(tiny_cfg(model={"lora": True, "lora_r": 4}, trainer={"steps": 3, "lr": 5e-2}), lm=lm, output_dir=tmp_path)
-    assert tr.use_lora and tr.reference is None
-    n_total = sum(p.numel() for p in tr.model.parameters())
-    n_train = sum(p.numel() for p in tr.trainable.values())
+    assert tr.policy.use_lora and tr.policy.reference is None
+    n_total = sum(p.numel() for p in tr.policy.model.parameters())
+    n_train = sum(p.numel() for p in tr.policy.trainable.values())
     assert n_total == n_base + n_train  # one copy of the base weights, plus the adapters
     ref = tiny_model(seed=0)
     batch = tr._sample(torch.zeros(4, dtype=torch.long), torch.rand(4, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
@@ -149,10 +149,10 @@ def test_lora_uses_base_with_adapters_disabled(tmp_path):
 
     with torch.no_grad():
         expected = score(ref.model, batch, pad_id=ref.tokenizer.pad_token_id)[1].double()
-        moved = tr.policy_logprobs(batch).double()
-    assert torch.allclose(tr.base_logprobs(batch), expected, atol=1e-5)  # a(x) = the untouched base
+        moved = tr.policy.policy_logprobs(batch).double()
+    assert torch.allclose(tr.policy.reference_logprobs(batch), expected, atol=1e-5)  # a(x) = the untouched base
     assert (moved - expected).abs().max() > 1e-3  # while the policy has moved
-    for n, p in tr.model.get_base_model().named_parameters():
+    for n, p in tr.policy.model.get_base_model().named_parameters():
         if "lora_" not in n:
             assert torch.equal(p, original[n.replace("base_layer.", "")])
 
@@ -199,12 +199,12 @@ def test_kernel_on_off_same_loss_and_gradients(tmp_path):
         tr = Trainer(tiny_cfg(trainer={"fused_logprobs": fused}), lm=tiny_model(seed=3), output_dir=tmp_path / str(fused))
         g = torch.Generator().manual_seed(0)
         batch = tr._sample(torch.zeros(8, dtype=torch.long), torch.rand(8, 6, generator=g, dtype=torch.float64))
-        tr.model.zero_grad()
+        tr.policy.model.zero_grad()
         coef = torch.linspace(-1, 1, 8)
         loss = tr.policy_loss(batch, coef, 8)  # the trainer's surrogate, fused kernel on or off
         loss.backward()
         losses.append(loss.detach())
-        grads.append({n: p.grad.clone() for n, p in tr.trainable.items()})
+        grads.append({n: p.grad.clone() for n, p in tr.policy.trainable.items()})
     assert torch.allclose(losses[0], losses[1], atol=1e-5)
     for n in grads[0]:
         assert torch.allclose(grads[0][n], grads[1][n], atol=1e-5, rtol=1e-4), n
@@ -276,4 +276,4 @@ def test_model_device_is_resolved_and_checked(tmp_path):
         with pytest.raises(ValueError, match="no CUDA GPU is visible"):
             Trainer(tiny_cfg(model={"device": "cuda"}), lm=tiny_model(seed=1), output_dir=tmp_path)
     tr = Trainer(tiny_cfg(model={"device": "cpu"}), lm=tiny_model(seed=1), output_dir=tmp_path)
-    assert tr.device == torch.device("cpu") and {p.device.type for p in tr.model.parameters()} == {"cpu"}
+    assert tr.device == torch.device("cpu") and {p.device.type for p in tr.policy.model.parameters()} == {"cpu"}

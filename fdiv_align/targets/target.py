@@ -19,14 +19,21 @@ __all__ = ["BaseLM", "Target", "TargetScores", "load_contexts"]
 
 
 class BaseLM:
-    """a(x|c): the reference LM. Scores continuation tokens with the library's one layout."""
+    """a(x|c): the reference LM. Scores continuation tokens with the library's one layout.
 
-    def __init__(self, model, tokenizer, config: SamplingConfig = SamplingConfig()):
+    ``BaseLM(model, tokenizer)`` scores with ``model`` as it is; inside the trainer a comes from
+    :meth:`fdiv_align.policy.Policy.base_lm`, whose ``logprobs`` is the policy's reference pass
+    (adapters disabled or the frozen copy) — never the adapted policy itself."""
+
+    def __init__(self, model, tokenizer, config: SamplingConfig = SamplingConfig(), logprobs=None):
         self.model, self.tokenizer, self.config = model, tokenizer, config
+        self._logprobs = logprobs
 
     @torch.no_grad()
     def logprobs(self, batch: Batch) -> torch.Tensor:
         """[N] log a(x|c) (float64)."""
+        if self._logprobs is not None:
+            return self._logprobs(batch).double().cpu()
         return score(self.model, batch, self.config, pad_id=self.tokenizer.pad_token_id)[1].double().cpu()
 
     def __mul__(self, scorer: Scorer) -> "Target":
@@ -46,6 +53,13 @@ class TargetScores:
     @property
     def log_P(self) -> torch.Tensor:
         return self.log_a + self.log_phi
+
+    def floored_log_P(self, floor: float | None) -> torch.Tensor:
+        """log P with the scorers' log-score floored relative to the base: log a + max(log Φ, floor),
+        i.e. P ≥ e^floor·a(x) — the surrogate target p_ε for divergences infinite where P = 0 (an
+        absolute floor on log P would rank a violating sequence above a satisfying one whenever
+        log a < floor, as it is for most texts). ``floor=None``: log P itself."""
+        return self.log_P if floor is None else self.log_a + self.log_phi.clamp_min(float(floor))
 
 
 class Target:

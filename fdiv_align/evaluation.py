@@ -1,0 +1,102 @@
+"""Evaluation on a fixed sample, and the fit of distributional constraints, for the trainer.
+
+The evaluation sample is the same every time — contexts ``arange(M) mod C`` and uniforms from
+``trainer.eval_seed`` — drawn from the current policy, so evaluations differ only by the policy.
+Reported: alignment (mean ± s.e.), KL(π‖a) (mean of log π − log a ± s.e.), entropy, distinct-n,
+Self-BLEU-3, and — once every context's Z is known — the IS estimates of KL(p‖π), KL(π‖p), JS, TV and
+the trained divergence (``train_divergence``, from its f) with q = π and the trainer's current Ẑ (each
+with its standard error).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from .distributed import Group
+from .estimators import LogZAccumulator, estimate_divergences, estimate_f_divergence
+from .metrics import distinct_n, self_bleu
+from .sampling import Batch
+from .targets import Target
+
+__all__ = ["Evaluator", "CONSTRAINT_FIT_SEED_OFFSET"]
+
+#: the constraint fit draws its samples from seed ``trainer.seed + CONSTRAINT_FIT_SEED_OFFSET``
+CONSTRAINT_FIT_SEED_OFFSET = 7919
+
+
+class Evaluator:
+    """``sample(context_index, uniforms) -> Batch`` draws from the policy; ``log_a(batch)`` is log a;
+    ``log_P(scores)`` the target log-score the loss uses (floored where configured)."""
+
+    def __init__(self, sample: Callable[[torch.Tensor, torch.Tensor], Batch], log_a: Callable[[Batch], torch.Tensor],
+                 target: Target, log_P: Callable, group: Group, num_contexts: int, micro_batch_size: int,
+                 divergence=None):
+        self.sample, self.log_a, self.target, self.log_P = sample, log_a, target, log_P
+        self.group, self.num_contexts, self.micro = group, num_contexts, micro_batch_size
+        self.divergence = divergence  # the trained divergence, also reported (``train_divergence``)
+
+    def evaluate(self, num_samples: int, seed: int, max_new_tokens: int, log_z: LogZAccumulator,
+                 samples_seen: int) -> tuple[dict, dict]:
+        """(record, samples) of the fixed evaluation sample (see the module docstring)."""
+        M = num_samples
+        g = torch.Generator().manual_seed(seed)
+        ctx = torch.arange(M) % self.num_contexts
+        U = torch.rand((M, max_new_tokens), generator=g, dtype=torch.float64)
+        sl = self.group.shard(M)
+        batches, log_a, log_P, align = [], [], [], []
+        for i in range(sl.start, sl.stop, self.micro):
+            j = slice(i, min(sl.stop, i + self.micro))
+            b = self.sample(ctx[j], U[j])
+            la = self.log_a(b)
+            scores = self.target.log_scores(b, la)
+            batches.append(b)
+            log_a.append(la)
+            log_P.append(self.log_P(scores))
+            align.append(scores.alignment)
+        gather = self.group.gather
+        log_pi = gather(torch.cat([b.logq.double() for b in batches]))
+        log_a, log_P, align = gather(torch.cat(log_a)), gather(torch.cat(log_P)), gather(torch.cat(align))
+        texts = self.group.gather_list([t for b in batches for t in b.texts])
+        contexts = self.group.gather_list([c for b in batches for c in b.context_texts])
+        lengths = gather(torch.cat([b.mask.sum(-1) for b in batches]))
+        lz, known = log_z.log_z(ctx)
+        record = {"kind": "eval", "alignment": float(align.mean()), "alignment_se": float(align.std() / math.sqrt(M)),
+                  "kl_pi_a": float((log_pi - log_a).mean()), "kl_pi_a_se": float((log_pi - log_a).std() / math.sqrt(M)),
+                  "entropy": float(-log_pi.mean()), "entropy_per_token": float(-log_pi.sum() / lengths.sum()),
+                  "distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2), "distinct_3": distinct_n(texts, 3),
+                  "self_bleu_3": self_bleu(texts, 3), "samples_seen": samples_seen}
+        if known.all():
+            est = estimate_divergences(log_pi, log_pi, log_P, lz)
+            if self.divergence is not None:
+                est["train_divergence"] = estimate_f_divergence(self.divergence, log_pi, log_pi, log_P, lz)
+            for key in ("kl_p_pi", "kl_pi_p", "js", "tv", "train_divergence"):
+                if key in est:
+                    record[key], record[key + "_se"] = est[key].value, est[key].stderr
+        return record, {"texts": texts, "contexts": contexts, "alignment": align.tolist()}
+
+    def fit_constraints(self, num_samples: int, seed: int, max_new_tokens: int) -> dict | None:
+        """Fit λ of the target's distributional constraints on ``num_samples`` samples of the initial
+        policy (= the base); None when the target has none."""
+        constraints = self.target.constraints
+        if not constraints:
+            return None
+        g = torch.Generator().manual_seed(seed + CONSTRAINT_FIT_SEED_OFFSET)
+        ctx = torch.randint(self.num_contexts, (num_samples,), generator=g)
+        U = torch.rand((num_samples, max_new_tokens), generator=g, dtype=torch.float64)
+        texts, contexts, log_a, log_q = [], [], [], []
+        for i in range(0, num_samples, self.micro):
+            sl = slice(i, min(num_samples, i + self.micro))
+            batch = self.sample(ctx[sl], U[sl])
+            texts += batch.texts
+            contexts += batch.context_texts
+            log_a.append(self.log_a(batch))
+            log_q.append(batch.logq.double())
+        fits = {}
+        for c in constraints:
+            fit = c.fit(texts, contexts, torch.cat(log_a), torch.cat(log_q))
+            fits[c.name] = {"lambdas": fit.lambdas.tolist(), "achieved": fit.achieved.tolist(), "targets": fit.targets.tolist(),
+                            "iterations": fit.iterations, "ess": fit.ess}
+        return fits
