@@ -65,7 +65,7 @@ def ours_block(steps: int, precision: str, profile: bool = False):
         ctx = Path(d) / "contexts.txt"
         ctx.write_text(PROMPT + "\n")
         cfg = from_dict({"model": {"name": "smollm2-135m"}, "divergence": {"name": "rkl"},
-                         "task": {"name": "sentiment", "beta": BETA, "contexts": str(ctx), "max_new_tokens": NEW_TOKENS},
+                         "task": {"name": "sentiment", "params": {"beta": BETA}, "contexts": str(ctx), "max_new_tokens": NEW_TOKENS},
                          "trainer": {"steps": steps, "samples_per_step": SAMPLES, "micro_batch_size": SAMPLES, "eval_every": 0,
                                      "eval_samples": 4, "checkpoint_every": 0, "precision": precision, "lr": 1e-4},
                          "logger": {"progress": False, "jsonl": False}})

@@ -68,6 +68,13 @@ class Trainer:
         tc = cfg.trainer
         validate(cfg)
         self.divergence = _divergence(cfg)
+        # the task first: a bad task name, parameter or contexts file fails before anything is loaded or written
+        self.task = task if task is not None else get_task(cfg.task.name, **cfg.task.params)
+        self.contexts = load_contexts(cfg.task.contexts) if cfg.task.contexts else list(self.task.contexts)
+        if not self.contexts:
+            raise ValueError(f"task {self.task.name!r} has an empty context list: give at least one context "
+                             f"(task.contexts=<file>, or Task(contexts=[...]); '' is the unconditional context)")
+        self.max_new_tokens = cfg.task.max_new_tokens or self.task.max_new_tokens
         if tc.threads:
             torch.set_num_threads(tc.threads)
         if tc.deterministic:
@@ -89,12 +96,6 @@ class Trainer:
         self.policy = prepare_policy(cfg.model, lm, self.device, self.plan, SamplingConfig(tc.temperature, tc.top_k, tc.top_p),
                                      tc.fp32_head, tc.fused_logprobs)
 
-        self.task = task if task is not None else get_task(cfg.task.name, **self._task_kwargs())
-        self.contexts = load_contexts(cfg.task.contexts) if cfg.task.contexts else list(self.task.contexts)
-        if not self.contexts:
-            raise ValueError(f"task {self.task.name!r} has an empty context list: give at least one context "
-                             f"(task.contexts=<file>, or Task(contexts=[...]); '' is the unconditional context)")
-        self.max_new_tokens = cfg.task.max_new_tokens or self.task.max_new_tokens
         self.target = self.task.target(self.policy.base_lm())
         baseline_kwargs = {"momentum": tc.baseline_momentum} if tc.baseline == "moving_average" else {}
         # the floor (if any) is applied to log Φ before the loss (TargetScores.floored_log_P), not to log P
@@ -120,11 +121,6 @@ class Trainer:
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
-
-    def _task_kwargs(self) -> dict:
-        t = self.cfg.task
-        return {"sentiment": {"beta": t.beta}, "female": {"target": t.target},
-                "code_compiles": {"num_contexts": t.num_contexts}}.get(t.name, {})
 
     def _load_model(self) -> LoadedModel:
         m = self.cfg.model

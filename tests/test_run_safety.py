@@ -200,6 +200,13 @@ def test_bad_values_fail_before_the_model_loads(tmp_path, monkeypatch, key, valu
     assert not (tmp_path / "run").exists()
 
 
+def test_bad_task_parameter_fails_before_the_model_loads(tmp_path, monkeypatch):
+    monkeypatch.setattr(Trainer, "_load_model", lambda self: pytest.fail("the model was loaded first"))
+    with pytest.raises(ValueError, match=r"task 'amazing' does not accept parameters \{'beta': 0.5\}"):
+        Trainer(tiny_cfg(task={"params": {"beta": 0.5}}), output_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_empty_context_list_names_the_contexts(tmp_path):
     task = Task("no_contexts", BooleanScorer(lambda t, c: True, name="yes"), contexts=[])
     with pytest.raises(ValueError, match="task 'no_contexts' has an empty context list"):

@@ -105,7 +105,12 @@ def available_tasks() -> list[str]:
     return sorted(_TASKS)
 
 
-def get_task(name: str, **kwargs) -> Task:
+def get_task(name: str, **params) -> Task:
+    """The built-in task ``name`` built with its parameters (``task.params`` in the config); an unknown
+    name or parameter is a ValueError naming it."""
     if name not in _TASKS:
         raise ValueError(f"unknown task {name!r}; expected one of {', '.join(available_tasks())}")
-    return _TASKS[name](**kwargs)
+    try:
+        return _TASKS[name](**params)
+    except TypeError as exc:
+        raise ValueError(f"task {name!r} does not accept parameters {params}: {exc}") from None
