@@ -48,7 +48,11 @@ _COMPILED = {}
 _COMPILE_EVENTS = {"count": 0}
 
 
-def default_chunk_size(vocab_size: int, budget_elements: int = 1 << 24) -> int:
+#: fp32 elements of one block of logits (64 MiB): forward token chunks and backward vocabulary tiles
+BLOCK_BUDGET_ELEMENTS = 1 << 24
+
+
+def default_chunk_size(vocab_size: int, budget_elements: int = BLOCK_BUDGET_ELEMENTS) -> int:
     """Rows per chunk so that one fp32 [chunk, V] buffer holds about 2^24 elements (64 MiB)."""
     return max(1, min(8192, budget_elements // max(1, vocab_size)))
 
@@ -183,7 +187,7 @@ DEFAULT_SAVED_LOGITS_BUDGET = 1 << 26  # fp32 elements of forward logits kept fo
 BACKWARD_ROW_BLOCK = 1 << 16  # tokens per backward block: the [block, tile] buffer stays ~2^24 elements
 
 
-def default_vocab_tile(n_tokens: int, vocab_size: int, budget_elements: int = 1 << 24) -> int:
+def default_vocab_tile(n_tokens: int, vocab_size: int, budget_elements: int = BLOCK_BUDGET_ELEMENTS) -> int:
     """Columns per backward tile so that one fp32 [N, tile] block holds about 2^24 elements."""
     return max(1, min(vocab_size, max(256, budget_elements // max(1, n_tokens))))
 
