@@ -25,6 +25,7 @@ def log(t, record: dict) -> None:
     if t.logger is not None:
         t.logger.log(t.step, record)
 
+
 def eval_and_log(t) -> dict:
     record, samples = t.evaluate()
     log(t, record)
@@ -32,6 +33,7 @@ def eval_and_log(t) -> dict:
         k = t.cfg.logger.log_samples
         t.logger.log_samples(t.step, samples["texts"][:k], samples["contexts"][:k], samples["alignment"][:k])
     return record
+
 
 def resume(t) -> bool:
     """Load the newest intact checkpoint (True), or find none (False). Checkpoints that all fail
@@ -45,6 +47,7 @@ def resume(t) -> bool:
         t.logger.truncate_after(t.step)
     say(f"resumed from {path} (step {t.step} of {t.cfg.trainer.steps})")
     return True
+
 
 def set_aside_previous_run(t) -> None:
     """A fresh start in a directory that holds an earlier run's files (trainer.resume=false): move
@@ -61,6 +64,7 @@ def set_aside_previous_run(t) -> None:
         os.replace(p, aside / p.name)
     say(f"starting over (trainer.resume=false): the earlier run's {', '.join(p.name for p in old)} moved to {aside}")
 
+
 def progress_postfix(record: dict) -> dict:
     """Progress-bar fields: IS estimates shown as value±standard error (they are noisy, and may be
     negative where the true divergence is ≥ 0)."""
@@ -70,6 +74,7 @@ def progress_postfix(record: dict) -> dict:
             out[key] = f"{record[key]:.2f}±{record.get(key + '_se', float('nan')):.2f}"
     out["samp/s"] = f"{record['samples_per_second']:.1f}"
     return out
+
 
 def run(t) -> dict:
     """Run trainer ``t`` to ``trainer.steps`` (resuming from the newest checkpoint) and return the summary.
@@ -82,6 +87,7 @@ def run(t) -> dict:
     with stop_requests() as stops:
         return _run(t, stops)
 
+
 def _run(t, stops) -> dict:
     tc = t.cfg.trainer
     t_start = time.perf_counter()
@@ -91,13 +97,12 @@ def _run(t, stops) -> dict:
         if previous.get("status") == "finished" and previous.get("steps") == tc.steps:
             return previous  # a finished run (e.g. a resumed sweep): nothing to redo
     fits = None
-    interrupted = None
     if not (tc.resume and resume(t)):
         set_aside_previous_run(t)
         if t.plan.compile:
             say("compiling the fused log-prob kernels with torch.compile (first run only; then cached)")
         try:
-            with stops.abortable("the base evaluation"):
+            with t.abortable(stops, "the base evaluation"):
                 fits = t.evaluator.fit_constraints(t.cfg.task.constraint_fit_samples, tc.seed, t.max_new_tokens)
                 if fits:
                     log(t, {"kind": "constraint_fit", **{f"{k}/{m}": v for k, d in fits.items() for m, v in d.items()}})
@@ -139,12 +144,11 @@ def _run(t, stops) -> dict:
         if bar is not None:
             bar.close()
     if stops.requested:
-        interrupted = stops.signum
         path = t.save()
         say(f"stopped at step {t.step}; checkpoint {path}")
         if t.logger is not None:
             t.logger.close()
-        return {"status": "interrupted", "step": t.step, "signal": int(interrupted), "saved": True}
+        return {"status": "interrupted", "step": t.step, "signal": int(stops.signum), "saved": True}
     final = eval_and_log(t) if tc.steps > 0 else last_eval
     if tc.checkpoint_every:
         t.save()
@@ -166,11 +170,12 @@ def _run(t, stops) -> dict:
         t.logger.close()
     return summary
 
+
 def abortable_eval(t, stops):
     """The evaluation at this step; if a stop signal abandons it, it stays pending in the checkpoint
     and is redone first on resume."""
     try:
-        with stops.abortable(f"the evaluation at step {t.step}"):
+        with t.abortable(stops, f"the evaluation at step {t.step}"):
             record = eval_and_log(t)
     except RunInterrupted:
         return None

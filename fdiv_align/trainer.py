@@ -163,9 +163,9 @@ class Trainer:
         """The surrogate −Σ_i coefficient_i · log πθ(x_i) / N for (a micro-batch of) the step's samples."""
         return self.policy.weighted_logprob_sum(batch, -coefficients / n_total)
 
-    def _abortable(self, stops, phase: str):
-        """Single process: ``stops.abortable(phase)``. Data parallel: not abortable (a process leaving
-        mid-step would leave the others waiting in a collective), so the step finishes first."""
+    def abortable(self, stops, phase: str):
+        """Single process: ``stops.abortable(phase)``. Data parallel: not abortable (a process leaving a
+        step or an evaluation midway would leave the others waiting in a collective), so it finishes first."""
         if stops is None or self.group.world > 1:
             return contextlib.nullcontext()
         return stops.abortable(phase)
@@ -177,7 +177,7 @@ class Trainer:
         tc = self.cfg.trainer
         t0 = time.perf_counter()
         N, T = tc.samples_per_step, self.max_new_tokens
-        with self._abortable(stops, f"sampling and scoring of step {self.step + 1}"):
+        with self.abortable(stops, f"sampling and scoring of step {self.step + 1}"):
             ctx_all = torch.randint(len(self.contexts), (N,), generator=self.generator)
             U_all = torch.rand((N, T), generator=self.generator, dtype=torch.float64)
             sl = self.group.shard(N)
