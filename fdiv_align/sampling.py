@@ -26,7 +26,7 @@ from .kernels import weighted_token_logprob_sum
 from .logprobs import SamplingConfig, fused_head_weights, head_inputs, head_logits, transformed_logprobs
 
 __all__ = ["SamplingConfig", "Batch", "transformed_logprobs", "encode_contexts", "sample", "score", "weighted_logprob_sum",
-           "make_batch", "backbone_and_head"]
+           "make_batch", "backbone_and_head", "pad_rows"]
 
 
 @dataclass
@@ -96,13 +96,19 @@ def encode_contexts(tokenizer, contexts: list[str], max_length: int | None = Non
     return out
 
 
-def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_rows(seqs, pad_id: int, side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [B, width], mask [B, width]) of token rows (lists or 1-D tensors) padded with ``pad_id`` on
+    ``side`` (prompts: left, so that every prompt ends at the same column; continuations: right) — the
+    library's one padding routine."""
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s):] = 1
+        cols = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+        ids[i, cols] = torch.as_tensor(s, dtype=torch.long)
+        mask[i, cols] = 1
     return ids, mask
 
 
@@ -145,7 +151,7 @@ def sample(model, tokenizer, contexts: list[str], num_samples: int | list[int], 
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
     eos_id = tokenizer.eos_token_id
-    prompt_ids, prompt_mask = _left_pad([encoded[i] for i in context_index.tolist()], pad_id)
+    prompt_ids, prompt_mask = pad_rows([encoded[i] for i in context_index.tolist()], pad_id)
     B = prompt_ids.shape[0]
     ids, attn = prompt_ids.to(device), prompt_mask.to(device)
     pos = (attn.cumsum(-1) - 1).clamp_min(0)
@@ -271,13 +277,8 @@ def make_batch(tokenizer, contexts: list[str], continuations: list[str], context
         if not ids:
             raise ValueError(f"continuation {text!r} tokenises to nothing")
         rows.append(ids)
-    T = max(len(r) for r in rows)
-    tokens = torch.full((len(rows), T), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, r in enumerate(rows):
-        tokens[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-    prompt_ids, prompt_mask = _left_pad([encoded[i] for i in context_index.tolist()], tokenizer.pad_token_id)
+    tokens, mask = pad_rows(rows, tokenizer.pad_token_id, "right")
+    prompt_ids, prompt_mask = pad_rows([encoded[i] for i in context_index.tolist()], tokenizer.pad_token_id)
     return Batch(context_index, list(contexts), prompt_ids, prompt_mask, tokens, mask, None, list(continuations))
 
 
@@ -306,16 +307,10 @@ def _layout(batch: Batch, padding_side: str, pad_id: int):
         return ids, attn, pos, predict
     if padding_side == "right":
         plen = batch.prompt_mask.sum(-1)
-        clen = batch.mask.sum(-1)
-        width = int((plen + clen).max())
-        ids = torch.full((B, width), pad_id, dtype=torch.long)
-        attn = torch.zeros((B, width), dtype=torch.long)
-        for i in range(B):
-            p = batch.prompt_ids[i][batch.prompt_mask[i].bool()]
-            c = batch.tokens[i][batch.mask[i].bool()]
-            row = torch.cat([p, c])
-            ids[i, : len(row)] = row
-            attn[i, : len(row)] = 1
+        rows = [torch.cat([batch.prompt_ids[i][batch.prompt_mask[i].bool()], batch.tokens[i][batch.mask[i].bool()]])
+                for i in range(B)]
+        ids, attn = pad_rows(rows, pad_id, "right")
+        width = ids.shape[1]
         pos = torch.arange(width).expand(B, width)
         predict = (plen[:, None] - 1 + torch.arange(T)).clamp_max(width - 1)
         return ids, attn, pos, predict

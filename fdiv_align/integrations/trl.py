@@ -28,7 +28,9 @@ import torch
 
 from ..divergences import get_divergence
 from ..estimators import LogZAccumulator
-from ..sampling import Batch, SamplingConfig, score
+from ..policy import Policy
+from ..precision import ComputePlan
+from ..sampling import Batch, SamplingConfig, pad_rows
 
 __all__ = ["FDivergenceReward", "rloo_config_kwargs"]
 
@@ -65,7 +67,11 @@ class FDivergenceReward:
         self.divergence = get_divergence(divergence)
         self.log_p_floor = log_p_floor
         self.is_peft = hasattr(model, "disable_adapter")
-        self.reference = None if self.is_peft else copy.deepcopy(model).eval().requires_grad_(False)
+        reference = None if self.is_peft else copy.deepcopy(model).eval().requires_grad_(False)
+        # the library's one log a (fdiv_align/policy.py): adapters disabled, or the frozen copy; exact fp32
+        # scoring (TRL's own precision is rloo_config_kwargs's business)
+        plan = ComputePlan("fp32", "TRL integration: fp32 scoring", False, "unfused scoring", "")
+        self.policy = Policy(model, tokenizer, self.is_peft, reference, SamplingConfig(), plan, fused=False)
         self.log_z = LogZAccumulator()
         self.context_ids: dict[str, int] = {}
         self.__name__ = f"fdpg_{self.divergence.name}"
@@ -73,20 +79,9 @@ class FDivergenceReward:
 
     def _batch(self, prompts, completion_ids) -> Batch:
         tok = self.tokenizer
-        prompt_rows = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        width = max(len(r) for r in prompt_rows)
-        pad = tok.pad_token_id
-        prompt_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        prompt_mask = torch.zeros_like(prompt_ids)
-        for i, r in enumerate(prompt_rows):
-            prompt_ids[i, width - len(r):] = torch.tensor(r)
-            prompt_mask[i, width - len(r):] = 1
-        T = max(len(c) for c in completion_ids)
-        tokens = torch.full((len(prompts), T), pad, dtype=torch.long)
-        mask = torch.zeros_like(tokens)
-        for i, c in enumerate(completion_ids):
-            tokens[i, : len(c)] = torch.as_tensor(c)
-            mask[i, : len(c)] = 1
+        prompt_ids, prompt_mask = pad_rows([tok(p, add_special_tokens=False)["input_ids"] for p in prompts],
+                                           tok.pad_token_id, "left")
+        tokens, mask = pad_rows(list(completion_ids), tok.pad_token_id, "right")
         for p in prompts:
             self.context_ids.setdefault(p, len(self.context_ids))
         ctx = torch.tensor([self.context_ids[p] for p in prompts])
@@ -101,13 +96,8 @@ class FDivergenceReward:
         batch = self._batch(prompts, completion_ids)
         was_training = self.model.training
         self.model.eval()
-        pad = self.tokenizer.pad_token_id
-        log_pi = score(self.model, batch, SamplingConfig(), pad_id=pad)[1].double()
-        if self.is_peft:
-            with self.model.disable_adapter():
-                log_a = score(self.model, batch, SamplingConfig(), pad_id=pad)[1].double()
-        else:
-            log_a = score(self.reference, batch, SamplingConfig(), pad_id=pad)[1].double()
+        log_pi = self.policy.policy_logprobs(batch).double()
+        log_a = self.policy.reference_logprobs(batch)
         self.model.train(was_training)
         log_P = log_a.cpu() + self.scorer.log_scores(texts, prompts)
         self.log_z.update(log_P, log_pi.cpu(), batch.context_index)
