@@ -9,6 +9,7 @@ imports them.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,7 @@ import torch
 from .kernels import low_precision_weight, shifted_head_logits, token_logprobs
 
 __all__ = ["SamplingConfig", "transformed_logprobs", "log_softmax_fp32", "head_logits", "head_inputs",
-           "plain_linear_head", "fused_head_weights", "head_logprob_fn"]
+           "plain_linear_head", "fused_head_weights", "head_logprob_fn", "LogProbBackend", "PLAIN"]
 
 
 @dataclass(frozen=True)
@@ -126,3 +127,35 @@ def head_logprob_fn(allow_fallback: bool = False, compile: bool = True, head_dty
                                   bias=None if bias is None else bias.float(), compile=compile)
 
     return fn
+
+
+@dataclass(frozen=True)
+class LogProbBackend:
+    """How log-probabilities are computed, chosen once (:func:`fdiv_align.policy.prepare_policy` builds
+    it from the compute plan) and handed to sampling, scoring and the surrogate as one object.
+
+    ``autocast_dtype``: the transformer body's compute dtype (None = fp32, no autocast);
+    ``head_dtype``: the output head's GEMM dtype (None = fp32; the logits are fp32 either way, see
+    :func:`head_logits`); ``fused``: the fused lm_head → log-prob kernel for scoring and the surrogate
+    (:mod:`fdiv_align.kernels`), else the plain head + log-softmax; ``compile``: the kernel's
+    elementwise passes through torch.compile (False: eager, same values).
+    """
+
+    autocast_dtype: torch.dtype | None = None
+    head_dtype: torch.dtype | None = None
+    fused: bool = False
+    compile: bool = True
+
+    def autocast(self, device_type: str):
+        """The body's autocast context on ``device_type`` (a no-op in fp32)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type, dtype=self.autocast_dtype)
+
+    def logprob_fn(self):
+        """:func:`fdiv_align.sampling.score`'s head + log-softmax + gather step: the fused kernel, or None."""
+        return head_logprob_fn(allow_fallback=False, compile=self.compile, head_dtype=self.head_dtype) if self.fused else None
+
+
+#: the plain fp32 path: no autocast, fp32 head GEMMs, unfused scoring
+PLAIN = LogProbBackend()

@@ -10,7 +10,6 @@ policy with its adapters disabled (LoRA) or the frozen copy (full fine-tuning) �
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import torch
@@ -18,7 +17,7 @@ import torch
 from .attention import register_grouped_eager
 from .config import ModelConfig
 from .fast_lora import install_fast_lora_forward
-from .logprobs import SamplingConfig, head_logprob_fn
+from .logprobs import LogProbBackend, SamplingConfig
 from .precision import ComputePlan
 from .sampling import Batch, sample, score, weighted_logprob_sum
 from .targets import BaseLM
@@ -36,21 +35,22 @@ class Policy:
     def __init__(self, model, tokenizer, use_lora: bool, reference, sampling: SamplingConfig,
                  plan: ComputePlan, fp32_head: bool = False, fused: bool = True):
         self.model, self.tokenizer, self.use_lora, self.reference = model, tokenizer, use_lora, reference
-        self.sampling, self.plan, self.fused = sampling, plan, fused
-        self.autocast_dtype = plan.autocast_dtype
-        self.head_dtype = plan.head_dtype(fp32_head)
+        self.sampling, self.plan = sampling, plan
+        # the one choice of how log-probs are computed, for sampling, scoring and the surrogate
+        self.backend = LogProbBackend(plan.autocast_dtype, plan.head_dtype(fp32_head), fused, plan.compile)
         self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self.trainable:
             raise ValueError("nothing to train: no parameter requires grad (a PEFT config whose adapters are not "
                              "trainable, or a frozen model); check model.lora_target_modules")
-        self.logprob_fn = head_logprob_fn(allow_fallback=False, compile=plan.compile, head_dtype=self.head_dtype) \
-            if fused else None
         self.pad_id = tokenizer.pad_token_id
 
-    def autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(next(self.model.parameters()).device.type, dtype=self.autocast_dtype)
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return self.backend.autocast_dtype
+
+    @property
+    def head_dtype(self) -> torch.dtype | None:
+        return self.backend.head_dtype
 
     @torch.no_grad()
     def sample(self, contexts: list[str], context_index: torch.Tensor, uniforms: torch.Tensor, max_new_tokens: int,
@@ -58,35 +58,27 @@ class Policy:
         """Samples of πθ (with the current weights) with log q recorded; see :func:`fdiv_align.sampling.sample`."""
         self.model.eval()
         return sample(self.model, self.tokenizer, contexts, 0, max_new_tokens, self.sampling, stop_at_eos,
-                      context_index=context_index, uniforms=uniforms, autocast_dtype=self.autocast_dtype,
-                      head_dtype=self.head_dtype)
+                      context_index=context_index, uniforms=uniforms, backend=self.backend)
 
     @torch.no_grad()
     def reference_logprobs(self, batch: Batch) -> torch.Tensor:
         """[N] log a(x|c): the base distribution (adapters disabled, or the frozen copy), untransformed, float64."""
-        with self.autocast():
-            if self.use_lora:
-                with self.model.disable_adapter():
-                    lp = score(self.model, batch, SamplingConfig(), pad_id=self.pad_id, logprob_fn=self.logprob_fn,
-                               head_dtype=self.head_dtype)[1]
-            else:
-                lp = score(self.reference, batch, SamplingConfig(), pad_id=self.pad_id, logprob_fn=self.logprob_fn,
-                           head_dtype=self.head_dtype)[1]
+        if self.use_lora:
+            with self.model.disable_adapter():
+                lp = score(self.model, batch, SamplingConfig(), pad_id=self.pad_id, backend=self.backend)[1]
+        else:
+            lp = score(self.reference, batch, SamplingConfig(), pad_id=self.pad_id, backend=self.backend)[1]
         return lp.double().cpu()
 
     def policy_logprobs(self, batch: Batch) -> torch.Tensor:
         """[N] log πθ(x|c) under the sampling transform; carries the graph in grad mode."""
-        with self.autocast():
-            return score(self.model, batch, self.sampling, pad_id=self.pad_id, logprob_fn=self.logprob_fn,
-                         head_dtype=self.head_dtype)[1].float()
+        return score(self.model, batch, self.sampling, pad_id=self.pad_id, backend=self.backend)[1].float()
 
     def weighted_logprob_sum(self, batch: Batch, weights: torch.Tensor) -> torch.Tensor:
         """Σ_i weights_i · log πθ(x_i|c_i) as a differentiable scalar (the fused kernel makes its head
         gradients in the forward pass)."""
-        with self.autocast():
-            total, _ = weighted_logprob_sum(self.model, batch, weights, self.sampling, pad_id=self.pad_id,
-                                            fused=self.fused, head_dtype=self.head_dtype, compile=self.plan.compile)
-        return total
+        return weighted_logprob_sum(self.model, batch, weights, self.sampling, pad_id=self.pad_id,
+                                    backend=self.backend)[0]
 
     def base_lm(self) -> BaseLM:
         """a as a target factor: ``policy.base_lm() * scorer``, scoring through :meth:`reference_logprobs`."""

@@ -17,13 +17,13 @@ them, and scoring with the same config uses the same function. Pure ancestral sa
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
 
 from .kernels import weighted_token_logprob_sum
-from .logprobs import SamplingConfig, fused_head_weights, head_inputs, head_logits, transformed_logprobs
+from .logprobs import (PLAIN, LogProbBackend, SamplingConfig, fused_head_weights, head_inputs, head_logits,
+                       transformed_logprobs)
 
 __all__ = ["SamplingConfig", "Batch", "transformed_logprobs", "encode_contexts", "sample", "score", "weighted_logprob_sum",
            "make_batch", "backbone_and_head", "pad_rows"]
@@ -125,16 +125,15 @@ def _decode(tokenizer, tokens: torch.Tensor, mask: torch.Tensor) -> list[str]:
 def sample(model, tokenizer, contexts: list[str], num_samples: int | list[int], max_new_tokens: int,
            config: SamplingConfig = SamplingConfig(), stop_at_eos: bool = True,
            generator: torch.Generator | None = None, context_index: torch.Tensor | None = None,
-           uniforms: torch.Tensor | None = None, autocast_dtype: torch.dtype | None = None,
-           head_dtype: torch.dtype | None = None) -> Batch:
+           uniforms: torch.Tensor | None = None, backend: LogProbBackend = PLAIN) -> Batch:
     """Ancestral samples with KV cache; log q of every token recorded as it is drawn.
 
     ``num_samples`` per context (int or one count per context), or explicit ``context_index``.
     With ``stop_at_eos`` the length is at most ``max_new_tokens``; otherwise exactly that.
     Tokens are drawn by inverse CDF from uniforms U [B, max_new_tokens] (drawn from ``generator``
     unless given), so a sample depends only on its own row of U: splitting a batch across
-    processes or micro-batches gives the same samples. ``autocast_dtype``: the transformer body's
-    compute dtype; ``head_dtype``: the output head's GEMM dtype (see :func:`head_logits`).
+    processes or micro-batches gives the same samples. ``backend``: the body's autocast dtype and the
+    head's GEMM dtype (:class:`~fdiv_align.logprobs.LogProbBackend`; default fp32).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
@@ -149,26 +148,19 @@ def sample(model, tokenizer, contexts: list[str], num_samples: int | list[int], 
     if context_index.numel() == 0:
         raise ValueError("sample: no samples requested")
     device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id
-    eos_id = tokenizer.eos_token_id
-    prompt_ids, prompt_mask = pad_rows([encoded[i] for i in context_index.tolist()], pad_id)
+    prompt_ids, prompt_mask = pad_rows([encoded[i] for i in context_index.tolist()], tokenizer.pad_token_id)
     B = prompt_ids.shape[0]
-    ids, attn = prompt_ids.to(device), prompt_mask.to(device)
-    pos = (attn.cumsum(-1) - 1).clamp_min(0)
-    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((B, max_new_tokens), dtype=torch.long, device=device)
-    token_logq = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
     if uniforms is None:
         uniforms = torch.rand((B, max_new_tokens), generator=generator, dtype=torch.float64)
     if uniforms.shape != (B, max_new_tokens):
         raise ValueError(f"uniforms: expected shape {(B, max_new_tokens)}, got {tuple(uniforms.shape)}")
-    uniforms = uniforms.to(device)
-    ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
-    with ctx:
-        return _sample_loop(model, tokenizer, contexts, context_index, prompt_ids, prompt_mask, ids, attn, pos, tokens,
-                            mask, token_logq, finished, uniforms, max_new_tokens, config, stop_at_eos, pad_id, eos_id,
-                            head_dtype)
+    with backend.autocast(device.type):
+        out = _decode_loop(model, tokenizer, context_index, prompt_ids.to(device), prompt_mask.to(device),
+                           uniforms.to(device), config, stop_at_eos, backend.head_dtype)
+    tokens, mask, token_logq = out
+    batch = Batch(context_index, list(contexts), prompt_ids, prompt_mask, tokens.cpu(), mask.cpu(), token_logq.cpu())
+    batch.texts = _decode(tokenizer, batch.tokens, batch.mask)
+    return batch
 
 
 DRAW_BLOCK = 256  # tokens per block of the two-level inverse CDF
@@ -227,10 +219,16 @@ def _prefill_unique(backbone, context_index, ids, attn, pos):
     return out
 
 
-def _sample_loop(model, tokenizer, contexts, context_index, prompt_ids, prompt_mask, ids, attn, pos, tokens, mask,
-                 token_logq, finished, uniforms, max_new_tokens, config, stop_at_eos, pad_id, eos_id,
-                 head_dtype=None) -> Batch:
-    B, device = ids.shape[0], ids.device
+def _decode_loop(model, tokenizer, context_index, ids, attn, uniforms, config, stop_at_eos, head_dtype):
+    """The decoding steps: (tokens, mask, token log q) [B, ≤ T] on the model's device, from left-padded
+    prompts ``ids``/``attn`` and uniforms [B, T] (T = max_new_tokens)."""
+    (B, max_new_tokens), device = uniforms.shape, ids.device
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    pos = (attn.cumsum(-1) - 1).clamp_min(0)
+    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((B, max_new_tokens), dtype=torch.long, device=device)
+    token_logq = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
     backbone, head = backbone_and_head(model)
     out = _prefill_unique(backbone, context_index, ids, attn, pos)
     last_pos = pos[:, -1:]
@@ -254,10 +252,7 @@ def _sample_loop(model, tokenizer, contexts, context_index, prompt_ids, prompt_m
         last_pos = last_pos + 1
         out = backbone(input_ids=tokens[:, t:t + 1], attention_mask=attn, position_ids=last_pos,
                        past_key_values=out.past_key_values, use_cache=True)
-    batch = Batch(context_index, list(contexts), prompt_ids, prompt_mask, tokens[:, :width].cpu(), mask[:, :width].cpu(),
-                  token_logq[:, :width].cpu())
-    batch.texts = _decode(tokenizer, batch.tokens, batch.mask)
-    return batch
+    return tokens[:, :width], mask[:, :width], token_logq[:, :width]
 
 
 def make_batch(tokenizer, contexts: list[str], continuations: list[str], context_index=None,
@@ -327,50 +322,50 @@ def _continuation_hidden(model, batch: Batch, padding_side: str, pad_id: int):
 
 
 def weighted_logprob_sum(model, batch: Batch, sequence_weights: torch.Tensor, config: SamplingConfig = SamplingConfig(),
-                         pad_id: int = 0, fused: bool = True, head_dtype: torch.dtype | None = None,
-                         compile: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Σ_i w_i log π(x_i|c_i) as a differentiable scalar, detached [B] log π).
+                         pad_id: int = 0, backend: LogProbBackend = PLAIN) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ_i w_i log π(x_i|c_i) as a differentiable scalar, detached [B] log π), under ``backend``.
 
-    ``fused``: the head's gradients are computed in the forward pass by
+    ``backend.fused``: the head's gradients are computed in the forward pass by
     :func:`fdiv_align.kernels.weighted_token_logprob_sum` (the weights are known before the forward,
     as f-DPG's coefficients are), never materialising [tokens × vocab] logits. Needs a plain
-    ``nn.Linear`` head and no top-k/top-p (refused otherwise); ``fused=False`` is the plain path.
-    ``head_dtype``: the head's GEMM dtype (see :func:`head_logits`); ``compile``: the kernel's
-    elementwise passes through torch.compile (False: eager, same values).
+    ``nn.Linear`` head and no top-k/top-p (refused otherwise); unfused is the plain path of :func:`score`.
     """
     device = next(model.parameters()).device
     m = batch.mask.to(device).bool()
     w = sequence_weights.to(device, torch.float32)
-    if not fused:
-        _, seq = score(model, batch, config, pad_id=pad_id, head_dtype=head_dtype)
+    if not backend.fused:
+        _, seq = score(model, batch, config, pad_id=pad_id, backend=backend)
         return (w * seq).sum(), seq.detach()
-    h, head = _continuation_hidden(model, batch, "left", pad_id)
-    weight, bias = fused_head_weights(head, config)
-    h, weight = head_inputs(h, weight, head_dtype)
-    token_w = torch.where(m, w[:, None].expand_as(m), torch.zeros((), device=device))
-    with torch.autocast(device.type, enabled=False):  # the head's own precision, like head_logits
-        total, tok_lp = weighted_token_logprob_sum(h, weight, batch.tokens.to(device), token_w, config.temperature,
-                                                   bias=None if bias is None else bias.float(), compile=compile)
+    with backend.autocast(device.type):
+        h, head = _continuation_hidden(model, batch, "left", pad_id)
+        weight, bias = fused_head_weights(head, config)
+        h, weight = head_inputs(h, weight, backend.head_dtype)
+        token_w = torch.where(m, w[:, None].expand_as(m), torch.zeros((), device=device))
+        with torch.autocast(device.type, enabled=False):  # the head's own precision, like head_logits
+            total, tok_lp = weighted_token_logprob_sum(h, weight, batch.tokens.to(device), token_w, config.temperature,
+                                                       bias=None if bias is None else bias.float(), compile=backend.compile)
     return total, torch.where(m, tok_lp, torch.zeros_like(tok_lp)).sum(-1)
 
 
 def score(model, batch: Batch, config: SamplingConfig = SamplingConfig(), padding_side: str = "left",
-          pad_id: int = 0, logprob_fn=None, head_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+          pad_id: int = 0, backend: LogProbBackend = PLAIN) -> tuple[torch.Tensor, torch.Tensor]:
     """log π(x_t | c, x_<t) for the continuation tokens: ([B, T] per token, 0 at padding; [B] sums).
 
     Runs under the caller's grad mode (wrap in ``torch.no_grad()`` for evaluation). Only the hidden
-    states that predict continuation tokens go through the head. ``logprob_fn(hidden, head, targets,
-    config)`` replaces the head+log-softmax+gather step (the fused kernel plugs in here);
-    ``head_dtype`` is the unfused head's GEMM dtype (see :func:`head_logits`).
+    states that predict continuation tokens go through the head. ``backend``
+    (:class:`~fdiv_align.logprobs.LogProbBackend`): the body's autocast, the head's GEMM dtype, and
+    the fused kernel in place of the head + log-softmax + gather step when ``backend.fused``.
     """
     device = next(model.parameters()).device
-    h, head = _continuation_hidden(model, batch, padding_side, pad_id)  # [B, T, H]
-    targets = batch.tokens.to(device)
-    if logprob_fn is None:
-        logp = transformed_logprobs(head_logits(head, h, head_dtype), config)
-        tok_lp = logp.gather(-1, targets[..., None]).squeeze(-1)
-    else:
-        tok_lp = logprob_fn(h.float(), head, targets, config)
+    logprob_fn = backend.logprob_fn()
+    with backend.autocast(device.type):
+        h, head = _continuation_hidden(model, batch, padding_side, pad_id)  # [B, T, H]
+        targets = batch.tokens.to(device)
+        if logprob_fn is None:
+            logp = transformed_logprobs(head_logits(head, h, backend.head_dtype), config)
+            tok_lp = logp.gather(-1, targets[..., None]).squeeze(-1)
+        else:
+            tok_lp = logprob_fn(h.float(), head, targets, config)
     m = batch.mask.to(device).bool()
     tok_lp = torch.where(m, tok_lp, torch.zeros_like(tok_lp))
     return tok_lp, tok_lp.sum(-1)

@@ -16,6 +16,7 @@ from trainer_helpers import tiny_cfg
 
 from fdiv_align import f_dpg_loss
 from fdiv_align.models import tiny_model
+from fdiv_align.logprobs import LogProbBackend
 from fdiv_align.sampling import sample
 from fdiv_align.trainer import Trainer
 
@@ -66,7 +67,7 @@ def test_adapter_input_cast_skip_is_exact(tmp_path):
         for name, p in tr.policy.trainable.items():
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
     batch = sample(tr.policy.model, tr.policy.tokenizer, ["", "the cat"], 4, 6, generator=torch.Generator().manual_seed(1),
-                   autocast_dtype=torch.bfloat16)
+                   backend=LogProbBackend(autocast_dtype=torch.bfloat16))
     layers = [m for m in tr.policy.model.modules() if isinstance(m, BaseTunerLayer)]
     assert layers and not any(m.cast_input_dtype_enabled for m in layers)
     uninstall_fast_lora_forward(tr.policy.model)  # PEFT's own forward (the path that casts) for this check
