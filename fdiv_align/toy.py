@@ -179,7 +179,7 @@ def enumerable_lm(seed: int = 0, words=("a", "b", "c"), length: int = 3, logit_s
 
 def enumeration_batch(tokenizer, sequences: torch.Tensor, context: str = ""):
     """A :class:`fdiv_align.sampling.Batch` holding every sequence after one context."""
-    from .sampling import Batch, encode_contexts
+    from .batch import Batch, encode_contexts
 
     S, T = sequences.shape
     prompt = torch.tensor(encode_contexts(tokenizer, [context])[0]).expand(S, -1).clone()
