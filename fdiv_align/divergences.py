@@ -44,6 +44,7 @@ __all__ = [
     "register_divergence",
     "available_divergences",
     "exact_divergence",
+    "f_divergence_terms",
 ]
 
 
@@ -243,22 +244,29 @@ def get_divergence(name: str | Divergence, **kwargs) -> Divergence:
         raise ValueError(f"divergence {name!r} does not accept arguments {kwargs}: {exc}") from None
 
 
-def exact_divergence(divergence: str | Divergence, log_pi: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
-    """Σ_x p(x) f(π(x)/p(x)) for two *normalised* distributions given as log-probabilities.
+def f_divergence_terms(divergence: str | Divergence, log_pi: torch.Tensor, log_p: torch.Tensor,
+                       log_q: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-point terms of D_f(π‖p) = Σ_x p f(π/p), divided by q(x) when ``log_q`` is given (so that
+    their mean over x ∼ q estimates D_f) and summed as they are otherwise (exact, over every x).
 
-    Differentiable in ``log_pi``. Points with p = 0 contribute π·lim_{t→∞} f(t)/t (0·∞ = 0 when
-    π is 0 there too); points with π = 0 < p contribute p·f(0).
-    """
+    Points with p = 0 contribute π·lim_{t→∞} f(t)/t (0·∞ = 0 when π is 0 there too); points with
+    π = 0 < p contribute p·f(0). The one place this convention lives (exact values and IS estimates)."""
     div = get_divergence(divergence)
-    log_t = log_pi - log_p
-    p = torch.exp(log_p)
+    log_w = log_pi if log_q is None else log_pi - log_q  # π (or π/q)
+    log_v = log_p if log_q is None else log_p - log_q  # p (or p/q)
     target_zero = torch.isneginf(log_p)
-    safe_log_t = torch.where(target_zero, torch.zeros_like(log_t), log_t)
-    regular = p * div.f(safe_log_t)
-    pi = torch.exp(log_pi)
+    safe_log_t = torch.where(target_zero, torch.zeros_like(log_pi), log_pi - log_p)
+    regular = torch.exp(log_v) * div.f(safe_log_t)
+    w = torch.exp(log_w)
     slope = div.f_at_infinity_slope
     if math.isinf(slope):
-        at_zero = torch.where(pi > 0, torch.full_like(pi, math.inf), torch.zeros_like(pi))
+        at_zero = torch.where(w > 0, torch.full_like(w, math.inf), torch.zeros_like(w))
     else:
-        at_zero = pi * slope
-    return torch.where(target_zero, at_zero, regular).sum()
+        at_zero = w * slope
+    return torch.where(target_zero, at_zero, regular)
+
+
+def exact_divergence(divergence: str | Divergence, log_pi: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    """Σ_x p(x) f(π(x)/p(x)) for two *normalised* distributions given as log-probabilities
+    (:func:`f_divergence_terms` summed). Differentiable in ``log_pi``."""
+    return f_divergence_terms(divergence, log_pi, log_p).sum()

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .divergences import LOG2, get_divergence
+from .divergences import LOG2, f_divergence_terms, get_divergence
 
 __all__ = [
     "LogZAccumulator",
@@ -28,6 +28,7 @@ __all__ = [
     "effective_sample_size",
     "estimate_divergences",
     "estimate_f_divergence",
+    "add_trained_divergence",
     "Baseline",
     "NoBaseline",
     "MovingAverageBaseline",
@@ -237,21 +238,27 @@ def estimate_divergences(
 
 def estimate_f_divergence(divergence, policy_logprobs, proposal_logprobs, target_logscores, log_z) -> Estimate:
     """IS estimate of D_f(π‖p) = E_p[f(π/p)] from samples of q for *any* divergence, from its ``f``
-    alone: terms (p/q)·f(t) where P > 0 and (π/q)·lim_{t→∞} f(t)/t where P = 0 (the same convention
-    as :func:`fdiv_align.divergences.exact_divergence`), so a newly registered divergence is reported too."""
-    div = get_divergence(divergence)
+    alone (:func:`fdiv_align.divergences.f_divergence_terms`), so a newly registered divergence is
+    reported too."""
     log_pi = _as_1d("policy_logprobs", policy_logprobs).detach().to(torch.float64)
     log_q = _as_1d("proposal_logprobs", proposal_logprobs).detach().to(torch.float64)
     log_P = _as_1d("target_logscores", target_logscores).detach().to(torch.float64)
     log_z = torch.as_tensor(log_z, dtype=torch.float64).to(log_pi.device).expand_as(log_pi)
-    log_p = log_P - log_z
-    zero = torch.isneginf(log_P)
-    log_t = torch.where(zero, torch.zeros_like(log_pi), log_pi - log_p)
-    regular = torch.exp(log_p - log_q) * div.f(log_t)
-    slope = div.f_at_infinity_slope
-    w = torch.exp(log_pi - log_q)
-    at_zero = torch.where(w > 0, torch.full_like(w, math.inf), torch.zeros_like(w)) if math.isinf(slope) else w * slope
-    return Estimate.of_terms(torch.where(zero, at_zero, regular))
+    return Estimate.of_terms(f_divergence_terms(divergence, log_pi, log_P - log_z, log_q))
+
+
+#: the built-in divergences whose estimate :func:`estimate_divergences` already reports, by key
+REPORTED_KEYS = {"fkl": "kl_p_pi", "rkl": "kl_pi_p", "js": "js", "tv": "tv"}
+
+
+def add_trained_divergence(est: dict, divergence, policy_logprobs, proposal_logprobs, target_logscores, log_z) -> dict:
+    """``est["train_divergence"]``: the estimate of the divergence being trained — the one already in
+    ``est`` for fkl/rkl/js/tv (not computed twice), else :func:`estimate_f_divergence`."""
+    div = get_divergence(divergence)
+    key = REPORTED_KEYS.get(div.name)
+    est["train_divergence"] = est[key] if key in est else estimate_f_divergence(
+        div, policy_logprobs, proposal_logprobs, target_logscores, log_z)
+    return est
 
 
 # ----------------------------------------------------------------------------- baselines

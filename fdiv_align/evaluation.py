@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from .distributed import Group
-from .estimators import LogZAccumulator, estimate_divergences, estimate_f_divergence
+from .estimators import LogZAccumulator, add_trained_divergence, estimate_divergences
 from .metrics import distinct_n, self_bleu
 from .sampling import Batch
 from .targets import Target
@@ -71,7 +71,7 @@ class Evaluator:
         if known.all():
             est = estimate_divergences(log_pi, log_pi, log_P, lz)
             if self.divergence is not None:
-                est["train_divergence"] = estimate_f_divergence(self.divergence, log_pi, log_pi, log_P, lz)
+                add_trained_divergence(est, self.divergence, log_pi, log_pi, log_P, lz)
             for key in ("kl_p_pi", "kl_pi_p", "js", "tv", "train_divergence"):
                 if key in est:
                     record[key], record[key + "_se"] = est[key].value, est[key].stderr

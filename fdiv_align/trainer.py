@@ -29,7 +29,7 @@ from .checkpoint import list_checkpoints, save_checkpoint
 from .config import Config, to_dict, validate
 from .distributed import process_group
 from .divergences import get_divergence
-from .estimators import estimate_divergences, estimate_f_divergence
+from .estimators import add_trained_divergence, estimate_divergences
 from .evaluation import Evaluator
 from .logprobs import SamplingConfig
 from .loss import FDivergenceLoss
@@ -241,7 +241,7 @@ class Trainer:
             "samples_per_second": N / (t_end - t0),
         }
         if known.all():  # the trained divergence itself, from its f (any registered divergence)
-            est["train_divergence"] = estimate_f_divergence(self.divergence, g_log_pi, g_log_q, g_log_P, log_z)
+            add_trained_divergence(est, self.divergence, g_log_pi, g_log_q, g_log_P, log_z)
         for key, e in est.items():
             record[key] = e.value
             if key not in ("alignment",):

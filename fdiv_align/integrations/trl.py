@@ -29,7 +29,7 @@ import torch
 from ..divergences import get_divergence
 from ..estimators import LogZAccumulator
 from ..policy import Policy
-from ..precision import ComputePlan
+from ..precision import compute_plan
 from ..sampling import Batch, SamplingConfig, pad_rows
 
 __all__ = ["FDivergenceReward", "rloo_config_kwargs"]
@@ -70,7 +70,7 @@ class FDivergenceReward:
         reference = None if self.is_peft else copy.deepcopy(model).eval().requires_grad_(False)
         # the library's one log a (fdiv_align/policy.py): adapters disabled, or the frozen copy; exact fp32
         # scoring (TRL's own precision is rloo_config_kwargs's business)
-        plan = ComputePlan("fp32", "TRL integration: fp32 scoring", False, "unfused scoring", "")
+        plan = compute_plan("fp32", False, next(model.parameters()).device)
         self.policy = Policy(model, tokenizer, self.is_peft, reference, SamplingConfig(), plan, fused=False)
         self.log_z = LogZAccumulator()
         self.context_ids: dict[str, int] = {}
