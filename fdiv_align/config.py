@@ -65,8 +65,8 @@ class TaskConfig:
 @dataclass
 class TrainerConfig:
     steps: int = 30
-    samples_per_step: int = 32  # global batch (all processes)
-    micro_batch_size: int = 32  # gradient accumulation when smaller than the per-process batch
+    samples_per_step: int = 16  # global batch (all processes)
+    micro_batch_size: int = 16  # gradient accumulation when smaller than the per-process batch
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 0
@@ -82,8 +82,8 @@ class TrainerConfig:
     proposal: str = "on"  # on (q = πθ) | off (frozen q, replaced when D(p‖π) < D(p‖q))
     proposal_update_every: int = 5  # off-policy: check every K steps
     proposal_criterion: str = "fkl"  # fkl | tv
-    eval_every: int = 10
-    eval_samples: int = 64
+    eval_every: int = 15
+    eval_samples: int = 48
     eval_seed: int = 1234
     checkpoint_every: int = 10
     keep_checkpoints: int = 2

@@ -105,3 +105,27 @@ def test_trainer_head_dtype_follows_config(tmp_path, fp32_head, expected):
     assert Trainer(tiny_cfg(), lm=tiny_model(seed=5), output_dir=tmp_path / "b").policy.head_dtype is None  # fp32 precision: fp32 head
     with pytest.raises(ValueError, match="fp32_head must be true or false, got 'yes'"):
         Trainer(tiny_cfg(trainer={"fp32_head": "yes"}), lm=tiny_model(seed=5), output_dir=tmp_path / "c")
+
+
+def test_vocab_blocked_decoding_head_is_the_fp32_product_within_its_rounding_bound():
+    """The CPU decoding head (blocks of HEAD_BLOCK_ROWS vocabulary rows into a reused buffer) against the
+    fp64 product: every logit within the fp32 dot-product bound d·2⁻²⁴·Σ|h_k w_k|; a vocabulary that is
+    not a multiple of the block (last block short) and a buffer reused across shapes."""
+    from fdiv_align.logprobs import HEAD_BLOCK_ROWS, _vocab_blocked_logits, head_logits
+
+    gen = torch.Generator().manual_seed(3)
+    V, d = 2 * HEAD_BLOCK_ROWS + 77, 48
+    head = torch.nn.Linear(d, V, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(V, d, generator=gen))
+    buffers: dict = {}
+    for rows in (5, 3, 5):
+        h = torch.randn(rows, d, generator=gen)
+        with torch.no_grad():  # as in the decoding loop
+            got = head_logits(head, h, None, buffers)
+        assert got is buffers["fp32_logits"] and got.shape == (rows, V)
+        exact = h.double() @ head.weight.double().t()
+        bound = d * 2.0**-24 * (h.double().abs() @ head.weight.double().abs().t())
+        assert bool(((got.double() - exact).abs() <= bound).all()), "a logit outside the fp32 rounding bound"
+    assert torch.equal(_vocab_blocked_logits(h, head.weight.detach(), {}), got)  # same kernel, same inputs
+    assert head_logits(head, h, None, buffers).requires_grad  # with grad on: the plain differentiable GEMM

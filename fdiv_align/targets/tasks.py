@@ -82,6 +82,7 @@ def _science(**kw):
 
 
 def _sentiment(beta: float = 0.1, **kw):
+    kw.setdefault("max_new_tokens", 12)  # a sentence fragment: enough for VADER, and the CPU main job's length
     return Task("sentiment", VaderSentiment(beta=beta), kind="reward", **kw,
                 description=f"reward: VADER compound sentiment, P = a·exp(r/{beta})")
 
