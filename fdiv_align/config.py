@@ -9,12 +9,71 @@ start with a message naming it. :func:`from_dict` gives the same check without H
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-__all__ = ["ModelConfig", "DivergenceConfig", "TaskConfig", "TrainerConfig", "LoggerConfig", "Config", "from_dict",
+__all__ = ["Choice", "Quantization", "Schedule", "Optimizer", "Baseline", "Proposal", "ProposalCriterion", "Precision",
+           "WandbMode", "ModelConfig", "DivergenceConfig", "TaskConfig", "TrainerConfig", "LoggerConfig", "Config", "from_dict",
            "to_dict", "register_configs", "validate"]
+
+
+class Choice(str, enum.Enum):
+    """A config value from a fixed set; each member's name is its value. Members are their strings (``Schedule.linear == "linear"``; same
+    hash, ``str()``, YAML and JSON), so a key may be given as a plain string: Hydra converts it (and rejects
+    another value naming the valid ones), :func:`validate` does the same for configs built in Python."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __hash__(self) -> int:
+        return str.__hash__(self)
+
+
+#: bitsandbytes 4/8-bit base weights. Member names equal their values (Hydra converts by name), hence
+#: the functional form for names that are not identifiers: ``Quantization["4bit"]``.
+Quantization = Choice("Quantization", [("4bit", "4bit"), ("8bit", "8bit")])
+
+
+class Schedule(Choice):
+    constant = "constant"
+    linear = "linear"  # decay to 0 at the last step
+
+
+class Optimizer(Choice):
+    adamw = "adamw"
+    adamw8bit = "adamw8bit"  # bitsandbytes
+
+
+class Baseline(Choice):
+    none = "none"
+    moving_average = "moving_average"
+    constant = "constant"  # fkl: 1
+    loo = "loo"
+
+
+class Proposal(Choice):
+    on = "on"  # q = πθ
+    off = "off"  # frozen q, replaced when D(p‖π) < D(p‖q)
+
+
+class ProposalCriterion(Choice):
+    fkl = "fkl"
+    tv = "tv"
+
+
+class Precision(Choice):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class WandbMode(Choice):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
 
 
 @dataclass
@@ -22,7 +81,7 @@ class ModelConfig:
     #: ``smollm2-135m`` (embedded), ``tiny`` (random, tests), a local HF directory, or a hub id.
     name: str = "smollm2-135m"
     dtype: str = "float32"  # master weights; see trainer.precision for bf16 compute
-    quantization: Optional[str] = None  # None | 4bit | 8bit (bitsandbytes; LoRA required)
+    quantization: Optional[Quantization] = None  # null | 4bit | 8bit (bitsandbytes; LoRA required)
     #: LoRA: true, false, or null = automatic (LoRA when the model has more than lora_threshold parameters)
     lora: Optional[bool] = None
     lora_threshold: int = 50_000_000
@@ -70,18 +129,18 @@ class TrainerConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 0
-    schedule: str = "constant"  # constant | linear (decay to 0 at the last step), after warmup
-    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes)
+    schedule: Schedule = Schedule.constant  # after warmup
+    optimizer: Optimizer = Optimizer.adamw
     max_grad_norm: Optional[float] = 1.0
-    baseline: str = "loo"  # none | moving_average | constant (fkl: 1) | loo
+    baseline: Baseline = Baseline.loo
     baseline_momentum: float = 0.9
     #: nats: advantages no larger than a log-ratio error of this size could cause are numerical noise and
     #: get coefficient 0 (FDivergenceLoss); 1e-4 is the measured agreement of sampled and rescored fp32
     #: log-probs (tests/test_smollm2.py). 0 = off (the plain estimator)
     logratio_resolution: float = 1e-4
-    proposal: str = "on"  # on (q = πθ) | off (frozen q, replaced when D(p‖π) < D(p‖q))
+    proposal: Proposal = Proposal.on
     proposal_update_every: int = 5  # off-policy: check every K steps
-    proposal_criterion: str = "fkl"  # fkl | tv
+    proposal_criterion: ProposalCriterion = ProposalCriterion.fkl
     eval_every: int = 15
     eval_samples: int = 48
     eval_seed: int = 1234
@@ -98,7 +157,7 @@ class TrainerConfig:
     #: stay fp32, log-space math fp64). auto = bf16 only where the device runs bf16 products natively
     #: (bf16 CUDA GPUs; CPUs with AVX-512 BF16/AMX and a measured bf16 GEMM faster than fp32), fp32
     #: otherwise — fdiv_align/precision.py; the choice and its reason are printed and in summary.json.
-    precision: str = "auto"
+    precision: Precision = Precision.auto
     #: under bf16: false = the output head's GEMMs in bf16 with fp32 logits (each row shifted inside
     #: the GEMM so that rounding is relative to the distance from its top/target logit; input rounding
     #: costs ~0.011 nats rms per token on SmolLM2, less than the bf16 body's 0.026 — benchmarks/head_precision.py),
@@ -116,7 +175,7 @@ class LoggerConfig:
     progress: bool = True
     jsonl: bool = True
     wandb: bool = False
-    wandb_mode: str = "offline"  # offline | online | disabled
+    wandb_mode: WandbMode = WandbMode.offline
     wandb_project: str = "fdiv_align"
     log_samples: int = 8  # generated samples written at each evaluation
 
@@ -158,6 +217,7 @@ def validate(cfg: Config) -> None:
     """Every value check that needs no model, so that a bad value fails at once — before the model
     loads and before anything is written — with a message naming the key, the value and what is
     expected. (Names of divergences and tasks are checked by their registries.)"""
+    _coerce_choices(cfg)
     t, m, d, k = cfg.trainer, cfg.model, cfg.divergence, cfg.task
     checks = [
         (isinstance(t.steps, int) and t.steps >= 0, f"trainer.steps must be an integer ≥ 0, got {t.steps!r}"),
@@ -175,14 +235,7 @@ def validate(cfg: Config) -> None:
          f"trainer.baseline_momentum must be in [0, 1), got {t.baseline_momentum!r}"),
         (_finite(t.logratio_resolution) and t.logratio_resolution >= 0,
          f"trainer.logratio_resolution must be a finite number ≥ 0, got {t.logratio_resolution!r}"),
-        (t.proposal in ("on", "off"), f"trainer.proposal must be 'on' or 'off', got {t.proposal!r}"),
-        (t.proposal_criterion in ("fkl", "tv"), f"trainer.proposal_criterion must be 'fkl' or 'tv', got {t.proposal_criterion!r}"),
         (t.proposal_update_every >= 1, f"trainer.proposal_update_every must be ≥ 1, got {t.proposal_update_every!r}"),
-        (t.schedule in ("constant", "linear"), f"trainer.schedule must be 'constant' or 'linear', got {t.schedule!r}"),
-        (t.optimizer in ("adamw", "adamw8bit"), f"trainer.optimizer must be 'adamw' or 'adamw8bit', got {t.optimizer!r}"),
-        (t.baseline in ("none", "moving_average", "constant", "loo"),
-         f"trainer.baseline must be one of none, moving_average, constant, loo, got {t.baseline!r}"),
-        (t.precision in ("auto", "fp32", "bf16"), f"trainer.precision must be 'auto', 'fp32' or 'bf16', got {t.precision!r}"),
         (isinstance(t.fp32_head, bool), f"trainer.fp32_head must be true or false, got {t.fp32_head!r}"),
         (t.compile is None or isinstance(t.compile, bool), f"trainer.compile must be true, false or null (auto), got {t.compile!r}"),
         (isinstance(t.fused_logprobs, bool), f"trainer.fused_logprobs must be true or false, got {t.fused_logprobs!r}"),
@@ -191,7 +244,6 @@ def validate(cfg: Config) -> None:
         (t.checkpoint_every >= 0, f"trainer.checkpoint_every must be ≥ 0 (0 = none), got {t.checkpoint_every!r}"),
         (t.keep_checkpoints >= 1, f"trainer.keep_checkpoints must be ≥ 1, got {t.keep_checkpoints!r}"),
         (t.threads is None or t.threads >= 1, f"trainer.threads must be null or ≥ 1, got {t.threads!r}"),
-        (m.quantization in (None, "4bit", "8bit"), f"model.quantization must be null, '4bit' or '8bit', got {m.quantization!r}"),
         (m.lora_r >= 1, f"model.lora_r must be ≥ 1, got {m.lora_r!r}"),
         (d.log_phi_floor is None or _finite(d.log_phi_floor),
          f"divergence.log_phi_floor must be null or a finite number, got {d.log_phi_floor!r}"),
@@ -201,6 +253,33 @@ def validate(cfg: Config) -> None:
     for ok, msg in checks:
         if not ok:
             raise ValueError(msg)
+
+
+def _choice_type(cls, name: str):
+    """The :class:`Choice` subclass of field ``name`` of dataclass ``cls`` (``Optional`` unwrapped), or None."""
+    hint = typing.get_type_hints(cls)[name]
+    for t in (hint, *typing.get_args(hint)):
+        if isinstance(t, type) and issubclass(t, Choice):
+            return t
+    return None
+
+
+def _coerce_choices(cfg: Config) -> None:
+    """Turn every choice given as a string into its :class:`Choice` member, in place; a value outside
+    the set raises ``ValueError`` naming the key, the value and the valid ones."""
+    for group in dataclasses.fields(cfg):
+        section = getattr(cfg, group.name)
+        if not dataclasses.is_dataclass(section):
+            continue
+        for f in dataclasses.fields(section):
+            choice, value = _choice_type(type(section), f.name), getattr(section, f.name)
+            if choice is None or value is None or isinstance(value, choice):
+                continue
+            try:
+                setattr(section, f.name, choice(value))
+            except ValueError:
+                valid = ", ".join(m.value for m in choice)
+                raise ValueError(f"{group.name}.{f.name} must be one of {valid}, got {value!r}") from None
 
 
 def from_dict(data: dict | None) -> Config:

@@ -191,7 +191,7 @@ def test_trainer_is_exported():
     ("lr", -1.0, "trainer.lr must be a finite number > 0, got -1.0"),
     ("temperature", 0.0, "trainer.temperature must be a finite number > 0, got 0.0"),
     ("top_p", 1.5, "trainer.top_p must be in (0, 1]"),
-    ("precision", "half", "trainer.precision must be 'auto', 'fp32' or 'bf16', got 'half'"),
+    ("precision", "half", "trainer.precision must be one of auto, fp32, bf16, got 'half'"),
 ])
 def test_bad_values_fail_before_the_model_loads(tmp_path, monkeypatch, key, value, message):
     monkeypatch.setattr(Trainer, "_load_model", lambda self: pytest.fail("the model was loaded first"))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from .low_precision_head import low_precision_weight, shifted_head_logits
 from .token_logprobs import (
-    compile_count,
     default_chunk_size,
     default_vocab_tile,
     reference_token_logprobs,
@@ -14,4 +13,4 @@ from .token_logprobs import (
 )
 
 __all__ = ["token_logprobs", "reference_token_logprobs", "weighted_token_logprob_sum", "default_chunk_size",
-           "default_vocab_tile", "compile_count", "low_precision_weight", "shifted_head_logits"]
+           "default_vocab_tile", "low_precision_weight", "shifted_head_logits"]

@@ -37,29 +37,24 @@ scalar in backward.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .low_precision_head import shifted_matmul, target_shift
 
 __all__ = ["token_logprobs", "reference_token_logprobs", "weighted_token_logprob_sum", "default_chunk_size",
-           "default_vocab_tile", "compile_count"]
-
-_COMPILED = {}
-_COMPILE_EVENTS = {"count": 0}
+           "default_vocab_tile"]
 
 
 #: fp32 elements of one block of logits (64 MiB): forward token chunks and backward vocabulary tiles
 BLOCK_BUDGET_ELEMENTS = 1 << 24
+MAX_CHUNK_ROWS = 8192  # tokens per forward chunk at most, however small the vocabulary
 
 
 def default_chunk_size(vocab_size: int, budget_elements: int = BLOCK_BUDGET_ELEMENTS) -> int:
     """Rows per chunk so that one fp32 [chunk, V] buffer holds about 2^24 elements (64 MiB)."""
-    return max(1, min(8192, budget_elements // max(1, vocab_size)))
-
-
-def compile_count() -> int:
-    """How many times a chunk function has been (re)compiled in this process (for tests/benchmarks)."""
-    return _COMPILE_EVENTS["count"]
+    return max(1, min(MAX_CHUNK_ROWS, budget_elements // max(1, vocab_size)))
 
 
 # Chunk math on the logits z (fp32, already divided by τ). Matmuls stay outside (BLAS, writing into
@@ -99,19 +94,15 @@ def _chunk_lp_and_dz_(z, y, g):
     return lp
 
 
+@functools.cache
+def _compiled(fn):
+    """``fn`` wrapped by torch.compile once per process, with dynamic shapes (a new number of rows or a
+    short last chunk reuses the compiled code; tests/test_trainer.py::test_no_recompilation_storm)."""
+    return torch.compile(fn, dynamic=True)
+
+
 def _get(fn, compile: bool):
-    if not compile:
-        return fn
-    key = fn.__name__
-    if key not in _COMPILED:
-        def counted_backend(gm, example_inputs):
-            _COMPILE_EVENTS["count"] += 1
-            from torch._inductor.compile_fx import compile_fx
-
-            return compile_fx(gm, example_inputs)
-
-        _COMPILED[key] = torch.compile(fn, dynamic=True, backend=counted_backend)
-    return _COMPILED[key]
+    return _compiled(fn) if compile else fn
 
 
 def _row_shift(h, w_in, targets):
@@ -185,11 +176,12 @@ def _accumulate(dz, h, w, grad_h, grad_w, grad_b, inv_temp):
 
 DEFAULT_SAVED_LOGITS_BUDGET = 1 << 26  # fp32 elements of forward logits kept for backward (256 MiB)
 BACKWARD_ROW_BLOCK = 1 << 16  # tokens per backward block: the [block, tile] buffer stays ~2^24 elements
+MIN_VOCAB_TILE = 256  # columns per backward tile at least, however many tokens (GEMMs stay efficient)
 
 
 def default_vocab_tile(n_tokens: int, vocab_size: int, budget_elements: int = BLOCK_BUDGET_ELEMENTS) -> int:
     """Columns per backward tile so that one fp32 [N, tile] block holds about 2^24 elements."""
-    return max(1, min(vocab_size, max(256, budget_elements // max(1, n_tokens))))
+    return max(1, min(vocab_size, max(MIN_VOCAB_TILE, budget_elements // max(1, n_tokens))))
 
 
 class _TokenLogprobs(torch.autograd.Function):

@@ -33,6 +33,14 @@ class DualFit:
     grad_norm: float
 
 
+# Damped Newton on the dual (fp64):
+NEWTON_RIDGE = 1e-12  # added to the diagonal of Cov_w[φ] (singular when a feature is constant on the samples)
+ARMIJO_FRACTION = 1e-4  # sufficient decrease: g(λ + t·s) ≤ g(λ) + ARMIJO_FRACTION·t·∇g·s
+MIN_STEP_FRACTION = 1e-10  # the line search takes this fraction of the step rather than halving forever
+DIVERGENT_LAMBDA = 1e6  # |λ| beyond this: the fit is running off to infinity (μ̄ on the hull's boundary)
+ACCEPTED_GRADIENT = 1e-6  # ‖∇g‖∞ accepted after max_iter when the requested tol was tighter
+
+
 def _dual(lam, phi, log_v, mu):
     s = log_v + phi @ lam
     lse = torch.logsumexp(s, 0)
@@ -72,19 +80,19 @@ def fit_lambda(phi: torch.Tensor, targets: Sequence[float], log_a: torch.Tensor 
     for it in range(1, max_iter + 1):
         if float(grad.abs().max()) <= tol:
             break
-        step = torch.linalg.lstsq(cov + 1e-12 * torch.eye(k, dtype=torch.float64), -grad[:, None]).solution.flatten()
+        step = torch.linalg.lstsq(cov + NEWTON_RIDGE * torch.eye(k, dtype=torch.float64), -grad[:, None]).solution.flatten()
         t = 1.0
         while True:
             new = lam + t * step
             nv, ng, nc, nw = _dual(new, phi, log_v, mu)
-            if nv <= value + 1e-4 * t * float(grad @ step) or t < 1e-10:
+            if nv <= value + ARMIJO_FRACTION * t * float(grad @ step) or t < MIN_STEP_FRACTION:
                 break
             t *= 0.5
         lam, value, grad, cov, w = new, nv, ng, nc, nw
-        if not torch.isfinite(lam).all() or float(lam.abs().max()) > 1e6:
+        if not torch.isfinite(lam).all() or float(lam.abs().max()) > DIVERGENT_LAMBDA:
             break
     gnorm = float(grad.abs().max())
-    if gnorm > max(tol, 1e-6):
+    if gnorm > max(tol, ACCEPTED_GRADIENT):
         raise InfeasibleConstraintError(
             f"λ fit did not converge (‖∇‖∞ = {gnorm:.3g} after {it} Newton steps, λ = {lam.tolist()}): μ̄ = {mu.tolist()} "
             f"is (numerically) outside the convex hull of the sampled features")
