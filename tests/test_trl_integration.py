@@ -51,3 +51,24 @@ def test_trl_rloo_gradient_equals_ours(tmp_path, divergence):
     for max_diff, scale, n_ours, n_trl in checks:
         assert n_ours == n_trl and scale > 0
         assert max_diff <= 1e-5 + 1e-4 * scale, (max_diff, scale)
+
+
+def test_trl_reward_floors_phi_not_p():
+    """rkl with a pointwise scorer: Φ = 0 needs log_phi_floor (a clear error without it); with it
+    log P = log a + max(log Φ, floor) — the trainer's convention — for the rows the scorer rejects."""
+    from fdiv_align.targets import BooleanScorer
+
+    lm = tiny_model(seed=0, logit_scale=3.0)
+    scorer = BooleanScorer(lambda t, c: "cat" in t, name="has_cat")
+    prompts = ["the cat is"] * 6
+    ids = [[5, 6, 7][: 1 + i % 3] for i in range(6)]
+    texts = lm.tokenizer.batch_decode(ids, skip_special_tokens=True)
+    phi_zero = torch.tensor(["cat" not in t for t in texts])
+    assert phi_zero.any() and (~phi_zero).any()  # both kinds of row
+    with pytest.raises(ValueError, match="pass log_phi_floor"):
+        FDivergenceReward(lm.model, lm.tokenizer, scorer, divergence="rkl")(prompts, texts, completion_ids=ids)
+    reward = FDivergenceReward(lm.model, lm.tokenizer, scorer, divergence="rkl", log_phi_floor=-7.0)
+    reward(prompts, texts, completion_ids=ids)
+    log_a = reward.policy.reference_logprobs(reward.last["batch"])
+    want = log_a + torch.where(phi_zero, torch.tensor(-7.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64))
+    assert torch.equal(reward.last["log_P"], want)

@@ -56,16 +56,17 @@ class FDivergenceReward:
     """A TRL reward function returning f-DPG pseudo-rewards −f′(π/p) (see module docstring).
 
     Call signature (TRL's): ``reward(prompts, completions, completion_ids, **kwargs) -> list[float]``.
-    ``log_p_floor`` as in :func:`fdiv_align.f_dpg_loss` for rkl/chi2 with pointwise scorers.
+    ``log_phi_floor``: as the trainer's ``divergence.log_phi_floor`` — for divergences infinite where
+    P = 0 (rkl, chi2, alpha ≥ 1) with pointwise scorers, log P = log a + max(log Φ, floor).
     ``last`` keeps the tensors of the latest call (for inspection and tests).
     """
 
-    def __init__(self, model, tokenizer, scorer, divergence="js", log_p_floor: float | None = None):
+    def __init__(self, model, tokenizer, scorer, divergence="js", log_phi_floor: float | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.scorer = scorer
         self.divergence = get_divergence(divergence)
-        self.log_p_floor = log_p_floor
+        self.log_phi_floor = log_phi_floor
         self.is_peft = hasattr(model, "disable_adapter")
         reference = None if self.is_peft else copy.deepcopy(model).eval().requires_grad_(False)
         # the library's one log a (fdiv_align/policy.py): adapters disabled, or the frozen copy; exact fp32
@@ -99,13 +100,15 @@ class FDivergenceReward:
         log_pi = self.policy.policy_logprobs(batch).double()
         log_a = self.policy.reference_logprobs(batch)
         self.model.train(was_training)
-        log_P = log_a.cpu() + self.scorer.log_scores(texts, prompts)
+        log_phi = self.scorer.log_scores(texts, prompts)
+        if not self.divergence.finite_where_target_is_zero and torch.isneginf(log_phi).any():
+            if self.log_phi_floor is None:
+                raise ValueError(f"divergence {self.divergence.name!r} is infinite where P = 0: pass log_phi_floor "
+                                 f"(log P = log a + max(log Φ, floor)) for samples the scorer gives Φ = 0")
+            log_phi = log_phi.clamp_min(self.log_phi_floor)
+        log_P = log_a.cpu() + log_phi
         self.log_z.update(log_P, log_pi.cpu(), batch.context_index)
         log_z, known = self.log_z.log_z(batch.context_index)
-        if not self.divergence.finite_where_target_is_zero and torch.isneginf(log_P).any():
-            if self.log_p_floor is None:
-                raise ValueError(f"divergence {self.divergence.name!r} needs log_p_floor for samples with P = 0")
-            log_P = log_P.clamp_min(self.log_p_floor)
         log_t = log_pi.cpu() - log_P + torch.where(known, log_z, torch.zeros_like(log_z))
         rewards = self.divergence.pseudo_reward(log_t)
         rewards = torch.where(known, rewards, torch.full_like(rewards, float("nan")))  # TRL: NaN = unscorable
