@@ -302,3 +302,24 @@ def test_model_device_is_resolved_and_checked(tmp_path):
             Trainer(tiny_cfg(model={"device": "cuda"}), lm=tiny_model(seed=1), output_dir=tmp_path)
     tr = Trainer(tiny_cfg(model={"device": "cpu"}), lm=tiny_model(seed=1), output_dir=tmp_path)
     assert tr.device == torch.device("cpu") and {p.device.type for p in tr.policy.model.parameters()} == {"cpu"}
+
+
+def test_cli_defaults_equal_the_dataclass_defaults():
+    """`fdiv-align` with no overrides composes exactly Config(): the Python API and the CLI run the same job
+    (task.params: the YAML states the builder's defaults, the dataclass leaves them to the builder)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from fdiv_align.cli import _config_dir
+    from fdiv_align.config import Config, register_configs, to_dict
+    from fdiv_align.targets.tasks import get_task
+
+    register_configs()
+    with initialize_config_dir(config_dir=_config_dir(), version_base="1.3"):
+        composed = OmegaConf.to_object(compose(config_name="config"))
+    cli, api = to_dict(composed), to_dict(Config())
+    cli_task_params, api_task_params = cli["task"].pop("params"), api["task"].pop("params")
+    assert cli == api
+    cli_task, api_task = get_task(cli["task"]["name"], **cli_task_params), get_task(api["task"]["name"], **api_task_params)
+    assert (cli_task.description, cli_task.max_new_tokens, cli_task.contexts) == \
+        (api_task.description, api_task.max_new_tokens, api_task.contexts)  # description names β
