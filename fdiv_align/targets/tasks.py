@@ -26,7 +26,6 @@ class Task:
     name: str
     scorer: Scorer
     contexts: list[str] = field(default_factory=lambda: [""])
-    kind: str = "pointwise"  # pointwise | reward | distributional
     max_new_tokens: int = 30
     description: str = ""
 
@@ -83,13 +82,13 @@ def _science(**kw):
 
 def _sentiment(beta: float = 0.1, **kw):
     kw.setdefault("max_new_tokens", 12)  # a sentence fragment: enough for VADER, and the CPU main job's length
-    return Task("sentiment", VaderSentiment(beta=beta), kind="reward", **kw,
+    return Task("sentiment", VaderSentiment(beta=beta), **kw,
                 description=f"reward: VADER compound sentiment, P = a·exp(r/{beta})")
 
 
 def _female(target: float = 0.5, **kw):
     return Task("female", DistributionalConstraint([female_feature], [target], names=["female"], name="female"),
-                kind="distributional", **kw, description=f"distributional: E_p[more female than male pronouns] = {target}")
+                **kw, description=f"distributional: E_p[more female than male pronouns] = {target}")
 
 
 def _code_compiles(num_contexts: int = 64, **kw):
