@@ -22,7 +22,8 @@ from torch import nn
 
 from .divergences import exact_divergence
 
-__all__ = ["ToyAR", "ToyProblem", "pointwise_problem", "exponential_problem", "reward_problem", "minimise"]
+__all__ = ["ToyAR", "ToyProblem", "pointwise_problem", "exponential_problem", "reward_problem", "minimise",
+           "enumerable_lm", "enumeration_batch", "exact_trainer_divergences", "enumerate_logprobs"]
 
 
 class ToyAR(nn.Module):
@@ -195,3 +196,33 @@ def exact_trainer_divergences(trainer, batch, measure=("fkl", "rkl", "js", "tv")
         log_P = trainer.target.log_scores(batch, trainer.policy.reference_logprobs(batch)).log_P
     log_p = log_P - torch.logsumexp(log_P, 0)
     return {m: float(exact_divergence(m, log_pi, log_p)) for m in measure}
+
+
+@torch.no_grad()
+def enumerate_logprobs(model, tokenizer, length: int, context: str = "", rows_per_pass: int = 8192) -> torch.Tensor:
+    """[V^length] float64 log π(x | context) of every continuation x of exactly ``length`` tokens, in
+    base-V order (index = Σ_t x_t·V^(length−1−t), as :func:`itertools.product` lists them).
+
+    One forward pass over the V^(length−1) prefixes gives every next-token distribution: row r (prefix
+    x_1..x_{T−1} after [BOS]+context) predicts x_{t+1} at position t, so
+    log π(x) = Σ_{t<T−1} log π(x_{t+1} | x_≤t) + log π(x_T | x_<T) — V times fewer tokens than scoring
+    each sequence (fp32 log-softmax of fp32 logits, like the sampler; tests/test_paper_exact.py checks
+    it against :func:`fdiv_align.sampling.score` of every sequence)."""
+    from .batch import encode_contexts
+    from .logprobs import log_softmax_fp32
+
+    V = model.get_output_embeddings().weight.shape[0]
+    prompt = torch.tensor(encode_contexts(tokenizer, [context])[0])
+    if length < 1:
+        raise ValueError(f"length must be ≥ 1, got {length}")
+    prefixes = torch.tensor(list(itertools.product(range(V), repeat=length - 1)), dtype=torch.long).view(V ** (length - 1), length - 1)
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(prefixes), rows_per_pass):
+        rows = prefixes[i:i + rows_per_pass]
+        ids = torch.cat([prompt.expand(len(rows), -1), rows], 1).to(device)
+        logits = model(input_ids=ids).logits[:, len(prompt) - 1:].float()  # [R, length, V]: predicts x_1 … x_T
+        lp = log_softmax_fp32(logits).double().cpu()
+        seen = lp[:, :-1].gather(2, rows[:, :, None]).squeeze(2).sum(1)  # log π(x_1 … x_{T−1})
+        out.append((seen[:, None] + lp[:, -1]).reshape(-1))  # × every last token
+    return torch.cat(out)
