@@ -25,5 +25,5 @@ def count_a(texts, contexts):
 def toy_task(div: str) -> Task:
     """Pointwise 'contains a' for divergences finite at P = 0, a reward target for rkl/chi2."""
     if div in ("rkl", "chi2"):
-        return Task("toy_reward", RewardScorer(count_a, beta=0.5, name="count_a"), kind="reward")
+        return Task("toy_reward", RewardScorer(count_a, beta=0.5, name="count_a"))
     return Task("toy_word", WordPresent("a"))
