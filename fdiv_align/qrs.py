@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["QRSEstimates", "QRSExact", "qrs_accept", "choose_log_beta", "qrs_estimates", "qrs_exact"]
+__all__ = ["QRSEstimates", "QRSExact", "qrs_accept", "choose_log_beta", "qrs_estimates", "qrs_exact", "chi_square_pvalue"]
 
 
 def _as64(x) -> torch.Tensor:
@@ -121,3 +121,28 @@ def qrs_exact(log_P, log_q, log_beta: float) -> QRSExact:
     log_p_beta, log_p = log_m - log_z_beta, log_P - log_z
     tv = 0.5 * float((log_p_beta.exp() - log_p.exp()).abs().sum())
     return QRSExact(log_p_beta, math.exp(float(log_z_beta) - log_beta), 1.0 - math.exp(float(log_z_beta - log_z)), tv)
+
+
+def chi_square_pvalue(counts, probs, min_expected: float = 5.0) -> float:
+    """Pearson's goodness-of-fit p-value of ``counts`` [M] against probabilities ``probs`` [M] (an exact
+    distribution, e.g. :attr:`QRSExact.log_p_beta` exponentiated), the cells with the smallest
+    probabilities merged until each expects ≥ ``min_expected`` counts; P(χ²_df ≥ stat) from the regularised
+    upper incomplete gamma function."""
+    counts, probs = _as64(counts), _as64(probs)
+    n = counts.sum()
+    order = torch.argsort(probs)
+    merged_c, merged_e, acc_c, acc_e = [], [], 0.0, 0.0
+    for c, e in zip(counts[order].tolist(), (n * probs[order]).tolist()):
+        acc_c, acc_e = acc_c + c, acc_e + e
+        if acc_e >= min_expected:
+            merged_c.append(acc_c)
+            merged_e.append(acc_e)
+            acc_c = acc_e = 0.0
+    if len(merged_c) < 2:
+        raise ValueError(f"fewer than two cells expect ≥ {min_expected} counts: too few samples for a chi-square test")
+    merged_c[-1] += acc_c
+    merged_e[-1] += acc_e
+    c, e = torch.tensor(merged_c, dtype=torch.float64), torch.tensor(merged_e, dtype=torch.float64)
+    stat = ((c - e) ** 2 / e).sum()
+    df = torch.tensor((len(merged_c) - 1) / 2, dtype=torch.float64)
+    return float(torch.special.gammaincc(df, stat / 2))

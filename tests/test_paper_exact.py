@@ -103,3 +103,12 @@ def test_a_cell_trains_with_the_library_trainer_and_lowers_the_exact_divergence(
     first, last = row["curve"][0], row["curve"][-1]
     assert last["js"] < 0.8 * first["js"] and last["alignment"] > first["alignment"]
     assert row["objective"] == pytest.approx(last["js"], rel=1e-9)  # the objective is D_js(π‖p) at the end
+
+
+def test_qrs_check_recovers_p_with_the_exact_acceptance_rate(small):
+    results, _ = small
+    row = pe.qrs_check(results, "pointwise", n_accept=3000, words=WORDS, length=LENGTH)
+    assert row["accepted"] >= 3000
+    assert abs(row["acceptance_z"]) < 4  # accepted count vs the exact rate, in binomial standard errors
+    assert row["chi2_pvalue"] > 1e-3 and row["chi2_pvalue_vs_base"] < 1e-6  # matches p, and the test can tell p from a
+    assert abs(row["tv_bound_exact"]) < 1e-12  # β = max P/a: p_β = p

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from fdiv_align.qrs import choose_log_beta, qrs_accept, qrs_estimates, qrs_exact
+from fdiv_align.qrs import chi_square_pvalue, choose_log_beta, qrs_accept, qrs_estimates, qrs_exact
 from fdiv_align.toy import ToyAR, pointwise_problem, reward_problem
 
 
@@ -19,25 +19,6 @@ def _problem():
     proposal = ToyAR(vocab_size=3, length=4, seed=5, scale=0.5)
     problem = reward_problem(base, lambda x: (x == 1).sum(-1).double(), beta=0.7)
     return problem, proposal
-
-
-def _chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Pearson's test of counts against probabilities, merging the smallest cells until each expects ≥ 5."""
-    n = counts.sum()
-    order = torch.argsort(probs)
-    c, e = counts[order].double(), (n * probs[order]).double()
-    cells_c, cells_e, acc_c, acc_e = [], [], 0.0, 0.0
-    for ci, ei in zip(c.tolist(), e.tolist()):
-        acc_c, acc_e = acc_c + ci, acc_e + ei
-        if acc_e >= 5:
-            cells_c.append(acc_c), cells_e.append(acc_e)
-            acc_c = acc_e = 0.0
-    cells_c[-1] += acc_c
-    cells_e[-1] += acc_e
-    cc, ee = torch.tensor(cells_c), torch.tensor(cells_e)
-    stat = float(((cc - ee) ** 2 / ee).sum())
-    df = len(cells_c) - 1
-    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64)))
 
 
 def test_exact_qrs_matches_its_definition_and_bound():
@@ -86,17 +67,17 @@ def test_sampled_qrs_follows_p_beta_and_its_acceptance_rate(clip):
     index = (x[accepted] * (V ** torch.arange(T - 1, -1, -1))).sum(-1)  # sequences are enumerated in base-V order
     counts = torch.bincount(index, minlength=V ** T)
     assert k >= 5000
-    assert _chi_square_pvalue(counts, exact.log_p_beta.exp()) > 1e-3
+    assert chi_square_pvalue(counts, exact.log_p_beta.exp()) > 1e-3
     if clip > 0:  # and the test has power: the same counts against p itself are rejected
-        assert _chi_square_pvalue(counts, problem.log_p_all.exp()) < 1e-3
+        assert chi_square_pvalue(counts, problem.log_p_all.exp()) < 1e-3
 
 
-def test_chi_square_helper_rejects_a_wrong_distribution():
+def test_chi_square_pvalue_accepts_the_true_and_rejects_a_wrong_distribution():
     gen = torch.Generator().manual_seed(1)
     p = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
     counts = torch.bincount(torch.multinomial(p, 10_000, replacement=True, generator=gen), minlength=4)
-    assert _chi_square_pvalue(counts, p) > 1e-3
-    assert _chi_square_pvalue(counts, torch.tensor([0.25, 0.25, 0.25, 0.25], dtype=torch.float64)) < 1e-10
+    assert chi_square_pvalue(counts, p) > 1e-3
+    assert chi_square_pvalue(counts, torch.tensor([0.25, 0.25, 0.25, 0.25], dtype=torch.float64)) < 1e-10
 
 
 def test_a_proposal_that_misses_the_support_is_refused():
