@@ -13,6 +13,7 @@ from .estimators import (
     get_baseline,
 )
 from .loss import FDivergenceLoss, FDPGLossOutput, f_dpg_loss
+from .preference_loss import f_dpo_loss
 
 __version__ = "0.1.0"
 
@@ -40,6 +41,7 @@ __all__ = [
     "FDivergenceLoss",
     "FDPGLossOutput",
     "f_dpg_loss",
+    "f_dpo_loss",
     "Trainer",
     "Config",
 ]
