@@ -26,7 +26,21 @@ import torch.nn.functional as F
 
 from .divergences import Divergence, get_divergence
 
-__all__ = ["f_dpo_loss", "check_f_dpo_divergence", "implicit_reward"]
+__all__ = ["f_dpo_loss", "check_f_dpo_divergence", "implicit_reward", "bradley_terry_loss"]
+
+
+def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
+                       margin: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean −log σ(r_w − r_l − m): the negative log-likelihood of the Bradley–Terry model
+    P(y_w ≻ y_l) = σ(r(y_w) − r(y_l)), with an optional margin m ≥ 0 per pair (Llama 2's reward model).
+    Its minimiser is r up to an additive constant per prompt."""
+    if chosen_rewards.shape != rejected_rewards.shape or chosen_rewards.dim() != 1:
+        raise ValueError(f"chosen and rejected rewards must be 1-D of one length, got {tuple(chosen_rewards.shape)} "
+                         f"and {tuple(rejected_rewards.shape)}")
+    diff = chosen_rewards - rejected_rewards
+    if margin is not None:
+        diff = diff - margin
+    return -F.logsigmoid(diff).mean()
 
 
 def check_f_dpo_divergence(divergence: str | Divergence) -> Divergence:
