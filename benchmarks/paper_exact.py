@@ -51,7 +51,7 @@ LENGTH = 5
 BATCH = 64
 CURVE = (0, 1000, 2000, 5000, 10000, 20000, 30000)
 BUDGETS = (2000, 10000, 30000)
-LR_GRID = (3e-3, 1e-2, 3e-2)
+LR_GRID = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 LR_SEED, LR_BUDGET = 100, 10000
 DIVERGENCES = {"rkl": {}, "fkl": {}, "js": {}, "tv": {}, "alpha": {"alpha": 0.5}, "chi2": {}}
 TASKS = ("pointwise", "distributional", "reward", "conditional")
@@ -258,7 +258,7 @@ def run_cell(results: Path, task_name: str, divergence: str, seed: int, lr: floa
 
 
 def _cell_path(results: Path, kind: str, task: str, div: str, seed: int, lr: float) -> Path:
-    sub = f"lr/{task}/{div}/lr{lr:g}.json" if kind == "lr" else f"runs/{task}/{div}/seed{seed}.json"
+    sub = f"lr/{task}/{div}/lr{lr:g}.json" if kind == "lr" else f"runs/{task}/{div}/lr{lr:g}/seed{seed}.json"
     return results / sub
 
 
@@ -389,10 +389,11 @@ def _paired(runs, task, a, b, budget, metric):
 
 
 def write_report(results: Path, out: Path, args, wall: float):
-    runs = {}
-    for path in sorted((results / "runs").glob("*/*/seed*.json")):
+    runs = {}  # only the cells at each (task, divergence)'s selected learning rate
+    for path in sorted((results / "runs").glob("*/*/lr*/seed*.json")):
         r = json.loads(path.read_text())
-        runs.setdefault((r["task"], r["divergence"]), []).append(r)
+        if r["lr"] == best_lr(results, r["task"], r["divergence"]):
+            runs.setdefault((r["task"], r["divergence"]), []).append(r)
     lm = base_model(results)
     lines = ["# The paper's claims, exactly: a neural policy over an enumerable sequence space", "",
              f"Command: `python benchmarks/paper_exact.py --seeds {args.seeds} --workers {args.workers}` — "
@@ -419,8 +420,11 @@ def write_report(results: Path, out: Path, args, wall: float):
                 cells = [_fmt(*_mean_se([_at(r, budget, m) for r in rs])) for m in
                          ("kl_p_pi", "kl_pi_p", "js", "tv", "alignment", "entropy", "kl_pi_a")]
                 floor = " (p_ε)" if rs[0]["floor"] else ""
-                lines.append(f"| {div}{floor} | {rs[0]['lr']:g} | {len(rs)} | " + " | ".join(cells) + " |")
+                edge = "†" if rs[0]["lr"] in (LR_GRID[0], LR_GRID[-1]) else ""
+                lines.append(f"| {div}{floor} | {rs[0]['lr']:g}{edge} | {len(rs)} | " + " | ".join(cells) + " |")
             lines.append("")
+    lines += ["† the selected learning rate is at the edge of the grid.", ""]
+    lines += _lr_section(results)
     lines += _claims(runs)
     lines += _qrs_section(results)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -479,6 +483,24 @@ def _claims(runs) -> list[str]:
               + ("holds" if len(winners) > 1 else "is not decided by these runs (fewer than two tasks with a separable, different winner)")
               + ".", ""]
     return lines
+
+
+def _lr_section(results: Path) -> list[str]:
+    lines = [f"## Learning-rate selection (seed {LR_SEED}, {LR_BUDGET:,} samples; exact D_f(π‖p_train) of the run's own "
+             "divergence; selected in bold)", "", "| task | divergence | " + " | ".join(f"lr {lr:g}" for lr in LR_GRID) + " |",
+             "|---|---|" + "---|" * len(LR_GRID)]
+    for task in TASKS:
+        for div in DIVERGENCES:
+            paths = [_cell_path(results, "lr", task, div, 0, lr) for lr in LR_GRID]
+            if not all(p.exists() for p in paths):
+                continue
+            best = best_lr(results, task, div)
+            cells = []
+            for lr, p in zip(LR_GRID, paths):
+                v = json.loads(p.read_text())["objective"]
+                cells.append(f"**{v:.4g}**" if lr == best else f"{v:.4g}")
+            lines.append(f"| {task} | {div} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _qrs_section(results: Path) -> list[str]:
