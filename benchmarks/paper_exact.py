@@ -400,7 +400,8 @@ def write_report(results: Path, out: Path, args, wall: float):
              f"{datetime.date.today()}, {platform.machine()} {_cpu()}, torch {torch.__version__}; "
              f"this invocation {wall / 60:.1f} min (cells already cached are not re-run).", "",
              __doc__.split("\n\n", 1)[1].split("Each cell")[0].strip(), "",
-             "Cells: " + ", ".join(f"{t}: {sum(len(v) for k, v in runs.items() if k[0] == t)} runs" for t in TASKS) + ".", ""]
+             "Cells: " + ", ".join(f"{t}: {sum(len(v) for k, v in runs.items() if k[0] == t)} runs" for t in TASKS) + ". "
+             + _cost_line(results), ""]
     for task in TASKS:
         if not any(k[0] == task for k in runs):
             lines += [f"## {task}: not run yet", ""]
@@ -483,6 +484,17 @@ def _claims(runs) -> list[str]:
               + ("holds" if len(winners) > 1 else "is not decided by these runs (fewer than two tasks with a separable, different winner)")
               + ".", ""]
     return lines
+
+
+def _cost_line(results: Path) -> str:
+    """The whole benchmark's cost from the cells' own timings (each cell runs single-threaded)."""
+    cells = [json.loads(p.read_text()) for p in results.glob("lr/*/*/*.json")]
+    cells += [json.loads(p.read_text()) for p in results.glob("runs/*/*/lr*/seed*.json")]
+    cells += [json.loads(p.read_text()) for p in results.glob("qrs/*.json")]
+    total = sum(c["seconds"] for c in cells)
+    return (f"Measured cost of all {len(cells)} cells (learning-rate runs, runs at every learning rate kept, QRS checks): "
+            f"{total / 60:.1f} single-thread minutes, i.e. ≈ {total / 120:.1f} minutes on 2 cores with 2 workers "
+            f"(plus the base model's training, once).")
 
 
 def _lr_section(results: Path) -> list[str]:
