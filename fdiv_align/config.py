@@ -21,9 +21,10 @@ __all__ = ["Choice", "Quantization", "Schedule", "Optimizer", "Baseline", "Propo
 
 
 class Choice(str, enum.Enum):
-    """A config value from a fixed set; each member's name is its value. Members are their strings (``Schedule.linear == "linear"``; same
-    hash, ``str()``, YAML and JSON), so a key may be given as a plain string: Hydra converts it (and rejects
-    another value naming the valid ones), :func:`validate` does the same for configs built in Python."""
+    """A config value from a fixed set; each member's name is its value. Members are their strings
+    (``Schedule.linear == "linear"``; same hash, ``str()``, YAML and JSON), so a key may be given as a
+    plain string: Hydra converts it (and rejects another value naming the valid ones), :func:`validate`
+    does the same for configs built in Python."""
 
     def __str__(self) -> str:
         return self.value
