@@ -11,8 +11,9 @@ Dirichlet(0.4) transitions); cached in --results/base.pt. Continuations have exa
 
 Tasks (the paper's four families), with P(x|c) = a(x|c)·Φ(x, c):
   pointwise       Φ = [the word "cat" occurs ≥ 2 times]
-  distributional  Φ = exp(λ·[the word "dog" occurs]), λ fitted exactly on the enumeration so that E_p = 0.5
-  reward          Φ = exp(r/β), r = (number of "runs")/T, β = 0.2  (RLHF's target)
+  distributional  Φ = exp(λ·[the word "red" occurs]), λ fitted exactly on the enumeration so that E_p = 0.8
+                  (E_a = 0.35)
+  reward          Φ = exp(r/β), r = (number of "runs")/T, β = 0.1  (RLHF's target)
   conditional     contexts "red", "blue", "cat"; Φ = [the context word occurs in the continuation]
                   (per-context Z; metrics averaged over the contexts, which the trainer draws uniformly)
 
@@ -56,6 +57,8 @@ LR_SEED, LR_BUDGET = 100, 10000
 DIVERGENCES = {"rkl": {}, "fkl": {}, "js": {}, "tv": {}, "alpha": {"alpha": 0.5}, "chi2": {}}
 TASKS = ("pointwise", "distributional", "reward", "conditional")
 FLOOR = -10.0
+DIST_TARGET = 0.8  # E_p[red occurs]
+REWARD_BETA = 0.1
 METRICS = ("kl_p_pi", "kl_pi_p", "js", "tv", "alpha", "chi2", "alignment", "entropy", "kl_pi_a")
 
 
@@ -118,19 +121,19 @@ class ExactTask:
         contexts = ["red", "blue", "cat"] if name == "conditional" else [""]
         self.log_a = [enumerate_logprobs(lm.model, lm.tokenizer, length, c) for c in contexts]
         self.log_a = [la - torch.logsumexp(la, 0) for la in self.log_a]
-        w0, w1, w2 = words[2], words[3], words[4]  # cat, dog, runs
+        w0, w1, w2 = words[2], words[0], words[4]  # cat (pointwise), red (distributional), runs (reward)
         if name == "pointwise":
             scorer = BooleanScorer(lambda t, c: _count(t, w0) >= 2, name=f"two_{w0}")
             values = [torch.tensor([float(_count(t, w0) >= 2) for t in self.texts], dtype=torch.float64)]
         elif name == "distributional":
             phi = torch.tensor([float(_count(t, w1) >= 1) for t in self.texts], dtype=torch.float64)
-            fit = fit_lambda(phi, [0.5], log_a=self.log_a[0], log_q=torch.zeros_like(phi))  # weights ∝ a e^{λφ}: exact
+            fit = fit_lambda(phi, [DIST_TARGET], log_a=self.log_a[0], log_q=torch.zeros_like(phi))  # weights ∝ a e^{λφ}: exact
             lam = float(fit.lambdas[0])
             scorer = RewardScorer(lambda ts, cs: [lam * float(_count(t, w1) >= 1) for t in ts], beta=1.0, name=f"has_{w1}")
             values = [phi]
             self.lam = lam
         elif name == "reward":
-            beta = 0.2
+            beta = REWARD_BETA
             r = torch.tensor([_count(t, w2) / length for t in self.texts], dtype=torch.float64)
             scorer = RewardScorer(lambda ts, cs: [_count(t, w2) / length for t in ts], beta=beta, name=f"{w2}_rate")
             values = [r]
