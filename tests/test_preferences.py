@@ -61,6 +61,21 @@ def test_synthetic_labels_follow_bradley_terry():
         synthetic_preferences(["p"], [["a", "b"]], lambda t, c: [float("nan"), 0.0])
 
 
+def _minimise(nll, k: int) -> torch.Tensor:
+    """argmin of a smooth convex function of k float64 parameters (LBFGS from 0, strong Wolfe)."""
+    free = torch.zeros(k, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([free], max_iter=200, tolerance_grad=1e-14, tolerance_change=1e-16, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = nll(free)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return free.detach()
+
+
 def test_bradley_terry_mle_recovers_the_reward_up_to_a_constant():
     """K items, true reward r. Population (exact comparison probabilities, every ordered pair): the MLE is
     r + const to 1e-8. Sampled (30,000 comparisons, fitted with bradley_terry_loss): within 4 standard errors
@@ -76,17 +91,7 @@ def test_bradley_terry_mle_recovers_the_reward_up_to_a_constant():
         return (p * -torch.nn.functional.logsigmoid(rr[i] - rr[j])  # the Bradley–Terry likelihood's expectation
                 + (1 - p) * -torch.nn.functional.logsigmoid(rr[j] - rr[i])).sum()
 
-    free = torch.zeros(K - 1, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([free], max_iter=200, tolerance_grad=1e-14, tolerance_change=1e-16, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = population_nll(free)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    assert torch.allclose(free.detach(), (r - r[0])[1:], atol=1e-8)
+    assert torch.allclose(_minimise(population_nll, K - 1), (r - r[0])[1:], atol=1e-8)
 
     n = 30_000
     a, b = torch.randint(K, (n,), generator=g), torch.randint(K - 1, (n,), generator=g)
@@ -98,17 +103,7 @@ def test_bradley_terry_mle_recovers_the_reward_up_to_a_constant():
         rr = torch.cat([free.new_zeros(1), free])
         return bradley_terry_loss(rr[w], rr[l_]) * n
 
-    free = torch.zeros(K - 1, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([free], max_iter=200, tolerance_grad=1e-12, line_search_fn="strong_wolfe")
-
-    def closure2():
-        opt.zero_grad()
-        loss = sample_nll(free)
-        loss.backward()
-        return loss
-
-    opt.step(closure2)
-    est = free.detach()
+    est = _minimise(sample_nll, K - 1)
     cov = torch.linalg.inv(torch.autograd.functional.hessian(sample_nll, est))
     se = cov.diagonal().sqrt()
     assert bool(((est - (r - r[0])[1:]).abs() <= 4 * se).all()), (est, (r - r[0])[1:], se)
