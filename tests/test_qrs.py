@@ -34,7 +34,7 @@ def test_exact_qrs_matches_its_definition_and_bound():
         assert ex.acceptance_rate == pytest.approx(float(m.sum()) / math.exp(log_beta), rel=1e-12)
         assert ex.tv <= ex.tv_bound + 1e-15
         if log_beta >= max_log_ratio:  # rejection sampling: p_β = p
-            assert ex.tv < 1e-14 and abs(ex.tv_bound) < 1e-14
+            assert ex.tv <= 64 * 2.0**-52 and abs(ex.tv_bound) <= 64 * 2.0**-52  # rounding of probabilities ≈ 1
         else:
             assert ex.tv > 1e-3  # clipping changes the distribution: the test can tell the two apart
     est = qrs_estimates(log_P, log_q, max_log_ratio - 0.5)  # IS over the enumeration weighted by q = exact
@@ -77,7 +77,7 @@ def test_chi_square_pvalue_accepts_the_true_and_rejects_a_wrong_distribution():
     p = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
     counts = torch.bincount(torch.multinomial(p, 10_000, replacement=True, generator=gen), minlength=4)
     assert chi_square_pvalue(counts, p) > 1e-3
-    assert chi_square_pvalue(counts, torch.tensor([0.25, 0.25, 0.25, 0.25], dtype=torch.float64)) < 1e-10
+    assert chi_square_pvalue(counts, torch.tensor([0.25, 0.25, 0.25, 0.25], dtype=torch.float64)) < 1e-6
 
 
 def test_a_proposal_that_misses_the_support_is_refused():
