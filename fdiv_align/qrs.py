@@ -83,6 +83,9 @@ def qrs_estimates(log_P, log_q, log_beta: float) -> QRSEstimates:
     log_P, log_q = _as64(log_P), _as64(log_q)
     _check(log_P, log_q)
     n = log_P.numel()
+    if not bool(torch.isfinite(log_P).any()):
+        raise ValueError(f"every one of the {n} proposal samples has P(x) = 0: Z and the TV bound cannot be estimated "
+                         f"(the proposal misses the target, or too few samples)")
     log_r = log_P - log_q
     accept = torch.exp((log_r - log_beta).clamp_max(0.0))  # min(1, r/β)
     se = float(accept.std(unbiased=True)) / math.sqrt(n) if n > 1 else math.inf

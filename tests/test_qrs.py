@@ -89,5 +89,7 @@ def test_a_proposal_that_misses_the_support_is_refused():
         qrs_exact(log_P, log_q, 0.0)
     with pytest.raises(ValueError, match="log_q must be finite"):
         qrs_accept(log_P, log_q, 0.0, torch.rand(len(log_P), dtype=torch.float64))
+    with pytest.raises(ValueError, match="every one of the 4 proposal samples has P"):
+        qrs_estimates(torch.full((4,), -math.inf, dtype=torch.float64), torch.zeros(4, dtype=torch.float64), 0.0)
     with pytest.raises(ValueError, match="every pilot sample has P"):
         choose_log_beta(torch.full((4,), -math.inf, dtype=torch.float64), torch.zeros(4, dtype=torch.float64))
