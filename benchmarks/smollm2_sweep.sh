@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# SmolLM2 result tables: tasks (default science, sentiment, female, code_compiles; TASKS=... to change)
-# × 4 divergences × seeds (default 0,1; SEEDS=... to change), CPU scale (conf/trainer/smollm2_sweep.yaml).
-# Run directories (checkpoints, samples, logs) go to $SWEEP (default runs/smollm2, outside the source
-# tree); the compact results the report needs (summary.json, metrics.jsonl, .hydra/config.yaml) are
-# copied to benchmarks/results/smollm2/, from which docs/results/smollm2.md and its plots are made.
+# SmolLM2 result tables: the five tasks × rkl, fkl, js, tv × seeds 0,1,2 (TASKS=..., DIVERGENCES=...,
+# SEEDS=... to change) at CPU scale (conf/trainer/smollm2_sweep.yaml: 20 steps × 16 samples, ≤ 16 new
+# tokens, one final evaluation of 256 samples with the target-p row by QRS), plus one steps=0 run per
+# task that evaluates the base model once. Extra arguments go to every run (e.g. model.device=cuda
+# WORKERS=1 on a GPU).
+# WORKERS processes run side by side (default 2, each with nproc/WORKERS torch threads), the
+# divergences dealt out between them. Run directories (checkpoints, samples, logs) go to $SWEEP
+# (default runs/smollm2, outside the source tree); the compact results the report needs (summary.json,
+# metrics.jsonl, .hydra/config.yaml) are copied to benchmarks/results/smollm2/, from which
+# docs/results/smollm2.md and its plots are made.
 # Resumable: rerunning skips finished runs (summary.json) and resumes unfinished ones from checkpoints.
 #   bash benchmarks/smollm2_sweep.sh            # sweep, keep results, report
 #   REPORT_ONLY=1 bash benchmarks/smollm2_sweep.sh   # regenerate the report from the kept results
@@ -11,12 +16,29 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SWEEP=${SWEEP:-runs/smollm2}
 RESULTS=benchmarks/results/smollm2
+TASKS=${TASKS:-amazing,code_compiles,female,science,sentiment}
+WORKERS=${WORKERS:-2}
+THREADS=$(( $(nproc) / WORKERS )); [ "$THREADS" -ge 1 ] || THREADS=1
+COMMON=(trainer=smollm2_sweep trainer.threads=$THREADS
+        task.max_new_tokens=16 task.constraint_fit_samples=128 logger.progress=false logger.log_samples=4
+        hydra.sweep.dir="$SWEEP" 'hydra.sweep.subdir=${hydra.job.override_dirname}'
+        'hydra.job.config.override_dirname.exclude_keys=[trainer,trainer.threads,task.max_new_tokens,task.constraint_fit_samples,logger.progress,logger.log_samples]'
+        "$@")
 if [ -z "${REPORT_ONLY:-}" ]; then
-  fdiv-align -m task=${TASKS:-science,sentiment,female,code_compiles} divergence=rkl,fkl,js,tv trainer=smollm2_sweep \
-    trainer.seed=${SEEDS:-0,1} \
-    task.max_new_tokens=24 task.constraint_fit_samples=128 logger.progress=false logger.log_samples=4 \
-    hydra.sweep.dir="$SWEEP" 'hydra.sweep.subdir=${hydra.job.override_dirname}' \
-    'hydra.job.config.override_dirname.exclude_keys=[trainer,task.max_new_tokens,task.constraint_fit_samples,logger.progress,logger.log_samples]'
+  mkdir -p "$SWEEP"
+  IFS=, read -r -a DIVS <<< "${DIVERGENCES:-rkl,fkl,js,tv}"
+  for ((w = 0; w < WORKERS; w++)); do
+    mine=()
+    for ((i = w; i < ${#DIVS[@]}; i += WORKERS)); do mine+=("${DIVS[i]}"); done
+    [ ${#mine[@]} -gt 0 ] || continue
+    (
+      if [ "$w" -eq 0 ]; then  # the base model's evaluation, once per task (its seed does not matter)
+        fdiv-align -m task="$TASKS" divergence=rkl "${COMMON[@]}" trainer.seed=0 trainer.steps=0 trainer.eval_at_start=true
+      fi
+      fdiv-align -m task="$TASKS" divergence="$(IFS=,; echo "${mine[*]}")" "trainer.seed=${SEEDS:-0,1,2}" "${COMMON[@]}"
+    ) > "$SWEEP/worker$w.log" 2>&1 &
+  done
+  wait
   for run in "$SWEEP"/*/; do
     [ -f "$run/summary.json" ] || continue
     dest="$RESULTS/$(basename "$run")"

@@ -145,6 +145,10 @@ class TrainerConfig:
     eval_every: int = 15
     eval_samples: int = 48
     eval_seed: int = 1234
+    #: false = no step-0 evaluation of the base model (it is the same in every run of a task with the same
+    #: eval_seed: a sweep evaluates the base once, in a ``steps: 0`` run — benchmarks/smollm2_sweep.sh)
+    eval_at_start: bool = True
+    eval_micro_batch_size: Optional[int] = None  # rows per evaluation sampling batch (null = micro_batch_size)
     checkpoint_every: int = 10
     keep_checkpoints: int = 2
     resume: bool = True  # resume from the newest valid checkpoint in the output dir
@@ -242,6 +246,10 @@ def validate(cfg: Config) -> None:
         (isinstance(t.fused_logprobs, bool), f"trainer.fused_logprobs must be true or false, got {t.fused_logprobs!r}"),
         (t.eval_every >= 0, f"trainer.eval_every must be ≥ 0 (0 = no evaluation), got {t.eval_every!r}"),
         (t.eval_samples >= 1, f"trainer.eval_samples must be ≥ 1, got {t.eval_samples!r}"),
+        (t.eval_micro_batch_size is None or t.eval_micro_batch_size >= 1,
+         f"trainer.eval_micro_batch_size must be null or ≥ 1, got {t.eval_micro_batch_size!r}"),
+        (t.steps != 0 or t.eval_at_start,
+         "trainer.steps = 0 with trainer.eval_at_start = false would evaluate nothing: set one of them"),
         (t.checkpoint_every >= 0, f"trainer.checkpoint_every must be ≥ 0 (0 = none), got {t.checkpoint_every!r}"),
         (t.keep_checkpoints >= 1, f"trainer.keep_checkpoints must be ≥ 1, got {t.keep_checkpoints!r}"),
         (t.threads is None or t.threads >= 1, f"trainer.threads must be null or ≥ 1, got {t.threads!r}"),

@@ -4,7 +4,8 @@
 
 Reads every run directory (a directory holding summary.json and metrics.jsonl) under the given
 paths. Per task: a "base" row (the untuned model: the step-0 evaluation, identical in every run of
-the task) and one row per divergence with the final evaluation's KL(p‖π), KL(π‖p), JS and TV
+the task with the same eval_seed — a sweep may make it once, in a ``trainer.steps=0`` run, which
+gives no divergence row), a "target p" row (:func:`target_row`) and one row per divergence with the final evaluation's KL(p‖π), KL(π‖p), JS and TV
 estimates, alignment, KL(π‖a), Distinct-1/2/3, Self-BLEU-3 and entropy — mean ± standard error over
 seeds — and the seeds and settings that made the cell. Plots (one PNG per figure, per task):
 alignment and KL(p‖π) against samples seen, and alignment against KL(π‖a). The output depends only
@@ -80,19 +81,75 @@ def _settings(run) -> str:
             f"baseline {t.get('baseline', '?')}, {'LoRA' if s.get('lora') else 'full'}")
 
 
+#: at most this many pooled QRS texts enter the target row's Distinct-n and Self-BLEU (both depend on the
+#: number of texts: compare with rows evaluated on as many samples)
+TARGET_TEXTS = 256
+
+
+def target_row(runs: list[dict]) -> dict | None:
+    """The target p itself from the final evaluations of ``runs`` (fdiv_align/evaluation.py,
+    ``target_p_record``): alignment = mean ± s.e. over the pooled QRS samples of every run; Distinct-n and
+    Self-BLEU-3 of the first ``TARGET_TEXTS`` of them (runs in order); entropy H(p) and KL(p‖a) = the
+    runs' IS estimates, mean ± s.e. over runs (each run's policy is a different proposal). None when no
+    run has QRS samples. Returns {"cells": column key → text, "description": text, "alignment": pooled
+    mean, "kl_a": mean KL(p‖a) estimate or None}."""
+    from .metrics import distinct_n, self_bleu
+
+    have = [r for r in runs if r["summary"].get("final") and "qrs_samples" in r["summary"]["final"]]
+    exact = [r for r in have if _floor(r) is None]  # runs with divergence.log_phi_floor aim at p_ε, not p
+    finals = [r["summary"]["final"] for r in (exact or have)]
+    floors = sorted({_floor(r) for r in have} - {None})
+    texts = [t for f in finals for t in f["qrs_samples"]["texts"]]
+    align = [a for f in finals for a in f["qrs_samples"]["alignment"]]
+    if not texts:
+        return None
+    n = len(align)
+    mean = sum(align) / n
+    se = math.sqrt(sum((a - mean) ** 2 for a in align) / (n - 1) / n) if n > 1 else math.inf
+    sub = texts[:TARGET_TEXTS]
+    cells = {"alignment": f"{mean:.3f} ± {se:.3f}", "kl_pi_a": _mean_se([f["target_kl_a"] for f in finals]),
+             "entropy": _mean_se([f["target_entropy"] for f in finals]),
+             "distinct_1": f"{distinct_n(sub, 1):.3f}", "distinct_2": f"{distinct_n(sub, 2):.3f}",
+             "distinct_3": f"{distinct_n(sub, 3):.3f}", "self_bleu_3": f"{self_bleu(sub, 3):.3f}"}
+    proposed = sum(f["qrs_proposed"] for f in finals)
+    bounds = [f["qrs_tv_bound"] for f in finals if f.get("qrs_tv_bound") is not None]
+    bound = f", estimated TV(p, p_β) ≤ {max(bounds):.3f} (largest over runs)" if bounds else ""
+    which = ("" if not floors else f" (those without log_phi_floor; runs with {floors} aim at p_ε)" if exact
+             else f" (all with log_phi_floor {floors}: this is p_ε)")
+    desc = (f"QRS from the final policies of {len(finals)} runs below{which}: {n} of {proposed} proposals accepted "
+            f"({n / proposed:.1%}){bound}; Dist/Self-BLEU on {len(sub)} of them; KL(π‖a) column = KL(p‖a) and "
+            f"entropy = H(p), IS estimates (± over runs)")
+    kl_a = [f["target_kl_a"] for f in finals if f.get("target_kl_a") is not None]
+    return {"cells": cells, "description": desc, "alignment": mean, "kl_a": sum(kl_a) / len(kl_a) if kl_a else None}
+
+
+def _floor(run: dict):
+    return run["summary"].get("config", {}).get("divergence", {}).get("log_phi_floor")
+
+
 def tables(runs: list[dict]) -> str:
     by_task = defaultdict(lambda: defaultdict(list))
+    base_runs = defaultdict(list)
     for r in runs:
-        by_task[r["summary"]["task"]][r["summary"]["divergence"]].append(r)
+        task = r["summary"]["task"]
+        if r["summary"]["steps"] == 0:
+            base_runs[task].append(r)
+        else:
+            by_task[task][r["summary"]["divergence"]].append(r)
     lines = []
-    for task in sorted(by_task):
+    for task in sorted(set(by_task) | set(base_runs)):
         divs = by_task[task]
         lines += [f"## {task}", "", "| divergence | " + " | ".join(label for _, label in COLUMNS) + " | seeds | settings |",
                   "|---|" + "---|" * (len(COLUMNS) + 2)]
         all_runs = [r for d in divs.values() for r in d]
-        base = all_runs[0]["summary"]["base"]
-        lines.append("| base (untuned) | " + " | ".join(_cell(k, [base.get(k)]) for k, _ in COLUMNS)
-                     + " | – | step-0 evaluation of the runs below |")
+        base = next((r["summary"]["base"] for r in base_runs[task] + all_runs if r["summary"].get("base")), None)
+        if base is not None:
+            lines.append("| base (untuned) | " + " | ".join(_cell(k, [base.get(k)]) for k, _ in COLUMNS)
+                         + " | – | step-0 evaluation of the base model |")
+        target = target_row(all_runs)
+        if target is not None:
+            lines.append("| target p | " + " | ".join(target["cells"].get(k, "–") for k, _ in COLUMNS)
+                         + f" | – | {target['description']} |")
         for div in sorted(divs, key=lambda d: (DIV_ORDER.index(d) if d in DIV_ORDER else 99, d)):
             rs = sorted(divs[div], key=lambda r: r["summary"]["seed"])
             cells = [_cell(k, [r["summary"]["final"].get(k) for r in rs]) for k, _ in COLUMNS]
@@ -129,7 +186,9 @@ def plots(runs: list[dict], out_dir: Path) -> list[Path]:
     by_task = defaultdict(list)
     for r in runs:
         by_task[r["summary"]["task"]].append(r)
-    for task, rs in sorted(by_task.items()):
+    for task, every in sorted(by_task.items()):
+        rs = [r for r in every if r["summary"]["steps"] > 0]
+        base = next((r["summary"]["base"] for r in every if r["summary"].get("base")), None)
         for key, ylabel in [("alignment", "alignment (eval)"), ("kl_p_pi", "KL(p‖π) estimate (eval)")]:
             fig, ax = plt.subplots(figsize=(6, 4))
             for div in sorted({r["summary"]["divergence"] for r in rs}, key=lambda d: DIV_ORDER.index(d) if d in DIV_ORDER else 99):
@@ -140,8 +199,11 @@ def plots(runs: list[dict], out_dir: Path) -> list[Path]:
             written.append(_finish(fig, ax, "samples seen", ylabel, f"{task}: {ylabel} during training",
                                    out_dir / f"{task}_{key}_curve.png"))
         fig, ax = plt.subplots(figsize=(6, 4))
-        base = rs[0]["summary"]["base"]
-        ax.scatter([base.get("kl_pi_a", 0.0)], [base["alignment"]], marker="*", s=150, color="black", label="base")
+        if base is not None:
+            ax.scatter([base.get("kl_pi_a", 0.0)], [base["alignment"]], marker="*", s=150, color="black", label="base")
+        target = target_row(rs)
+        if target is not None and target["kl_a"] is not None:  # the target: pooled QRS alignment, IS KL(p‖a)
+            ax.scatter([target["kl_a"]], [target["alignment"]], marker="P", s=150, color="gray", label="target p")
         for div in sorted({r["summary"]["divergence"] for r in rs}, key=lambda d: DIV_ORDER.index(d) if d in DIV_ORDER else 99):
             pts = [(r["summary"]["final"]["kl_pi_a"], r["summary"]["final"]["alignment"]) for r in rs if r["summary"]["divergence"] == div]
             ax.scatter(*zip(*pts), label=div, color=f"C{DIV_ORDER.index(div) if div in DIV_ORDER else 9}")

@@ -106,7 +106,8 @@ def _run(t, stops) -> dict:
                 fits = t.evaluator.fit_constraints(t.cfg.task.constraint_fit_samples, tc.seed, t.max_new_tokens)
                 if fits:
                     log(t, {"kind": "constraint_fit", **{f"{k}/{m}": v for k, d in fits.items() for m, v in d.items()}})
-                t.base_eval = eval_and_log(t)
+                if tc.eval_at_start:
+                    t.base_eval = eval_and_log(t)
         except RunInterrupted as exc:
             say(f"interrupted during {exc.phase}: no step was taken, nothing to save")
             if t.logger is not None:

@@ -107,8 +107,8 @@ class Trainer:
         self.proposal = OffPolicyProposal(self.policy.trainable, tc.proposal_criterion, tc.proposal_update_every) \
             if tc.proposal == "off" else None
         self.evaluator = Evaluator(lambda c, u: self._sample(c, u, proposal=False), self.policy.reference_logprobs,
-                                   self.target, self._floored_log_P, self.group, len(self.contexts), tc.micro_batch_size,
-                                   self.divergence)
+                                   self.target, self._floored_log_P, self.group, len(self.contexts),
+                                   tc.eval_micro_batch_size or tc.micro_batch_size, self.divergence, truncated=bool(tc.top_k) or tc.top_p < 1.0)
         self.step = 0
         self.samples_seen = 0
         self.base_eval = None
