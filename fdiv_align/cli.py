@@ -1,8 +1,11 @@
-"""Hydra entry point: ``fdiv-align`` / ``python -m fdiv_align``.
+"""Hydra entry points: ``fdiv-align`` / ``python -m fdiv_align``, ``fdiv-align-rm``, ``fdiv-align-po``.
 
 ``fdiv-align`` runs the main job (embedded SmolLM2, ``sentiment``, JS); ``fdiv-align -m
 divergence=rkl,fkl,js,tv`` sweeps, one Hydra output directory per run holding its config
 (.hydra/), metrics.jsonl, samples.jsonl, checkpoints/ and summary.json.
+``fdiv-align-rm training.data=prefs.jsonl`` trains a reward model (conf/reward_model.yaml) and
+``fdiv-align-po training.data=prefs.jsonl divergence=js`` runs offline f-DPO (conf/preference_opt.yaml),
+both through fdiv_align/pair_training.py.
 """
 
 from __future__ import annotations
@@ -41,10 +44,21 @@ def _remove_if_untouched(run_dir: Path) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+def _container(cfg) -> dict:
+    """The composed config as plain data; a mandatory value left unset (``???``) is an error naming its key."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import MissingMandatoryValue
+
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as exc:
+        raise ValueError(f"config key {exc.full_key} has no value (??? in its YAML): set it on the command line, "
+                         f"{exc.full_key}=...") from None
+
+
 def _run(cfg) -> dict:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
-    from omegaconf import OmegaConf
 
     from .config import from_dict, validate
     from .interrupts import RunInterrupted, stop_requests
@@ -53,7 +67,7 @@ def _run(cfg) -> dict:
     out = hc.runtime.output_dir
     fresh_dir = not any(p.name not in (".hydra",) and not p.name.endswith(".log") for p in Path(out).iterdir())
     try:
-        config = from_dict(OmegaConf.to_container(cfg, resolve=True))
+        config = from_dict(_container(cfg))
         if hc.mode == RunMode.MULTIRUN and config.output_dir is not None:
             raise ValueError("output_dir names one run directory, but this is a sweep (-m): each run gets its own under "
                              "hydra.sweep.dir; to resume a sweep rerun it with hydra.sweep.dir=<that sweep's directory>")
@@ -104,18 +118,58 @@ def _exit_by_signal(signum: int) -> None:
     sys.exit(128 + signum)
 
 
-def main() -> None:
+def _pair_run(schema, runner, describe):
+    """The Hydra task function of a pair-training entry point (``fdiv-align-rm`` / ``fdiv-align-po``)."""
+
+    def run(cfg) -> dict:
+        from hydra.core.hydra_config import HydraConfig
+
+        from .config import from_dict
+
+        out = HydraConfig.get().runtime.output_dir
+        config = from_dict(_container(cfg), schema)
+        summary = runner(config, out)
+        final, initial = summary["final"], summary["initial"]
+        print(f"[{describe(config)}] held-out pairwise accuracy {initial['heldout_accuracy']:.3f} -> "
+              f"{final['heldout_accuracy']:.3f} ± {final['heldout_accuracy_se']:.3f} on {final['heldout_pairs']} pairs; "
+              f"{summary['wall_seconds_this_run']:.0f}s; run dir {out}", flush=True)
+        return summary
+
+    return run
+
+
+def _hydra_main(config_name: str, task_function) -> None:
     import hydra
 
     register_configs()
     from omegaconf import OmegaConf
 
-    # conf/config.yaml: hydra.run.dir = output_dir when set, else a new timestamped directory
+    # conf/*.yaml: hydra.run.dir = output_dir when set, else a new timestamped directory
     OmegaConf.register_new_resolver("fdiv_or", lambda value, default: default if value is None else value, replace=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    app = hydra.main(version_base="1.3", config_path=_config_dir(), config_name="config")(_run)
-    app()
+    hydra.main(version_base="1.3", config_path=_config_dir(), config_name=config_name)(task_function)()
+
+
+def main() -> None:
+    _hydra_main("config", _run)
+
+
+def rm_main() -> None:
+    """``fdiv-align-rm``: a Bradley–Terry reward model on preference pairs (conf/reward_model.yaml)."""
+    from .config import RewardModelConfig
+    from .pair_training import run_reward_model
+
+    _hydra_main("reward_model", _pair_run(RewardModelConfig, run_reward_model, lambda c: "fdiv-align-rm"))
+
+
+def po_main() -> None:
+    """``fdiv-align-po``: offline f-DPO on preference pairs (conf/preference_opt.yaml)."""
+    from .config import PreferenceOptConfig
+    from .pair_training import run_preference_opt
+
+    _hydra_main("preference_opt", _pair_run(PreferenceOptConfig, run_preference_opt,
+                                            lambda c: f"fdiv-align-po {c.divergence.name} β={c.beta}"))
 
 
 if __name__ == "__main__":

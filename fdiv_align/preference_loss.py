@@ -26,7 +26,12 @@ import torch.nn.functional as F
 
 from .divergences import Divergence, get_divergence
 
-__all__ = ["f_dpo_loss", "check_f_dpo_divergence", "implicit_reward", "bradley_terry_loss"]
+__all__ = ["f_dpo_loss", "f_dpo_margin", "check_f_dpo_divergence", "implicit_reward", "bradley_terry_loss", "pairwise_nll"]
+
+
+def pairwise_nll(logits: torch.Tensor) -> torch.Tensor:
+    """Mean −log σ(m_i) over the pairs' preference logits m_i (the loss of every pairwise objective here)."""
+    return -F.logsigmoid(logits).mean()
 
 
 def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
@@ -40,7 +45,7 @@ def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
     diff = chosen_rewards - rejected_rewards
     if margin is not None:
         diff = diff - margin
-    return -F.logsigmoid(diff).mean()
+    return pairwise_nll(diff)
 
 
 def check_f_dpo_divergence(divergence: str | Divergence) -> Divergence:
@@ -64,11 +69,11 @@ def implicit_reward(policy_logps: torch.Tensor, ref_logps: torch.Tensor, diverge
     return beta * div.f_prime(policy_logps - ref_logps)
 
 
-def f_dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
-               ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor,
-               divergence: str | Divergence = "rkl", beta: float = 0.1) -> torch.Tensor:
-    """Mean over pairs of −log σ(r̂_w − r̂_l), r̂ = β f′(π/π_ref) (sequence log-probs [B] each; the same
-    tensors as TRL's DPOTrainer). ``rkl`` gives DPO's sigmoid loss."""
+def f_dpo_margin(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+                 ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor,
+                 divergence: str | Divergence = "rkl", beta: float = 0.1) -> torch.Tensor:
+    """[B] implicit-reward margins r̂_w − r̂_l, r̂ = β f′(π/π_ref) (sequence log-probs [B] each); > 0 where
+    the policy ranks the pair as the data does."""
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta!r}")
     shapes = {tuple(t.shape) for t in (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)}
@@ -78,4 +83,13 @@ def f_dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.T
               - implicit_reward(policy_rejected_logps, ref_rejected_logps, divergence, beta))
     if not bool(torch.isfinite(margin.detach()).all()):
         raise ValueError("f_dpo_loss: a non-finite implicit-reward margin (a log-prob of −inf or NaN in the inputs)")
-    return -F.logsigmoid(margin).mean()
+    return margin
+
+
+def f_dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+               ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor,
+               divergence: str | Divergence = "rkl", beta: float = 0.1) -> torch.Tensor:
+    """Mean over pairs of −log σ(r̂_w − r̂_l), r̂ = β f′(π/π_ref) (sequence log-probs [B] each; the same
+    tensors as TRL's DPOTrainer). ``rkl`` gives DPO's sigmoid loss."""
+    return pairwise_nll(f_dpo_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                                     divergence, beta))

@@ -25,7 +25,7 @@ from .logprobs import (PLAIN, LogProbBackend, SamplingConfig, fused_head_weights
                        transformed_logprobs)
 
 __all__ = ["SamplingConfig", "Batch", "transformed_logprobs", "encode_contexts", "sample", "score", "weighted_logprob_sum",
-           "make_batch", "backbone_and_head", "pad_rows"]
+           "make_batch", "backbone_and_head", "pad_rows", "last_token_hidden"]
 
 
 def _model_window(model) -> int | None:
@@ -208,6 +208,21 @@ def _continuation_hidden(model, batch: Batch, padding_side: str, pad_id: int):
     backbone, head = backbone_and_head(model)
     hidden = backbone(input_ids=ids.to(device), attention_mask=attn.to(device), position_ids=pos.to(device)).last_hidden_state
     return hidden.gather(1, predict.to(device)[..., None].expand(-1, -1, hidden.shape[-1])), head
+
+
+def last_token_hidden(model, batch: Batch, pad_id: int = 0) -> torch.Tensor:
+    """[B, H] the decoder's final hidden state at each row's last continuation token, in the layout of
+    :func:`score` (prompt left-padded, position ids from the attention mask): what a
+    sequence-classification head reads (fdiv_align/reward_model.py)."""
+    device = next(model.parameters()).device
+    ids, attn, pos, _ = _layout(batch, "left", pad_id)
+    backbone, _ = backbone_and_head(model)
+    hidden = backbone(input_ids=ids.to(device), attention_mask=attn.to(device), position_ids=pos.to(device)).last_hidden_state
+    lengths = batch.mask.sum(-1)
+    if (lengths == 0).any():
+        raise ValueError(f"rows {(lengths == 0).nonzero().squeeze(1).tolist()} have an empty continuation: no last token")
+    last = batch.prompt_ids.shape[1] + lengths - 1
+    return hidden[torch.arange(len(batch), device=device), last.to(device)]
 
 
 def weighted_logprob_sum(model, batch: Batch, sequence_weights: torch.Tensor, config: SamplingConfig = SamplingConfig(),

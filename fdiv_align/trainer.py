@@ -34,7 +34,7 @@ from .evaluation import Evaluator
 from .logprobs import SamplingConfig
 from .loss import FDivergenceLoss
 from .metrics import MetricsLogger, say
-from .models import LoadedModel, load_model, resolve_device, tiny_model
+from .models import LoadedModel, load_configured, resolve_device
 from .policy import prepare_policy
 from .precision import compute_plan
 from .proposal import OffPolicyProposal
@@ -125,9 +125,7 @@ class Trainer:
     def _load_model(self) -> LoadedModel:
         m = self.cfg.model
         say(f"loading model {m.name} on {self.device}")
-        if m.name == "tiny":
-            return tiny_model(seed=m.seed, dtype=m.dtype)
-        return load_model(m.name, dtype=m.dtype, quantization=m.quantization, device=self.device)
+        return load_configured(m, self.device)
 
     def _make_optimizer(self):
         tc = self.cfg.trainer

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fdiv_align.checkpoint import load_latest, save_checkpoint
-from fdiv_align.config import from_dict
+from fdiv_align.config import from_dict, validate
 from fdiv_align.models import tiny_model
 from fdiv_align.toy import enumerable_lm, enumeration_batch, exact_trainer_divergences
 from fdiv_align.trainer import Trainer
@@ -323,3 +323,29 @@ def test_cli_defaults_equal_the_dataclass_defaults():
     cli_task, api_task = get_task(cli["task"]["name"], **cli_task_params), get_task(api["task"]["name"], **api_task_params)
     assert (cli_task.description, cli_task.max_new_tokens, cli_task.contexts) == \
         (api_task.description, api_task.max_new_tokens, api_task.contexts)  # description names β
+
+
+def test_eval_at_start_false_skips_only_the_base_evaluation_and_eval_batching_does_not_change_it(tmp_path):
+    """trainer.eval_at_start = false: no step-0 evaluation (summary "base" is None), the final one is made;
+    the evaluation sample does not depend on eval_micro_batch_size (per-row uniforms); the target-p record
+    is made for pure sampling and refused under top-k (π's support may miss p's)."""
+    lm, _ = enumerable_lm()
+    cfg = toy_cfg("fkl", steps=2)
+    cfg.trainer.eval_at_start = False
+    cfg.logger.jsonl = True
+    tr = Trainer(cfg, lm=lm, task=toy_task("fkl"), output_dir=tmp_path / "a")
+    summary = tr.train()
+    evals = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines() if '"eval"' in l]
+    assert summary["base"] is None and [e["step"] for e in evals] == [2]
+    assert summary["final"]["qrs_proposed"] == cfg.trainer.eval_samples // 2 and summary["final"]["target_contexts"] >= 1
+    one, _ = tr.evaluate()
+    tr.evaluator.micro = 3
+    other, _ = tr.evaluate()
+    assert one["alignment"] == other["alignment"] and one["qrs_samples"]["texts"] == other["qrs_samples"]["texts"]
+    cfg = toy_cfg("fkl", steps=0)
+    cfg.trainer.top_k = 2
+    rec, _ = Trainer(cfg, lm=lm, task=toy_task("fkl"), output_dir=tmp_path / "b").evaluate()
+    assert "alignment" in rec and not any(k.startswith(("target_", "qrs_")) for k in rec)
+    with pytest.raises(ValueError, match="eval_at_start = false would evaluate nothing"):
+        cfg.trainer.eval_at_start = False
+        validate(cfg)

@@ -1,4 +1,5 @@
-"""Built-in tasks, by name: ``amazing``, ``science``, ``sentiment``, ``female``, ``code_compiles``.
+"""Built-in tasks, by name: ``amazing``, ``science``, ``sentiment``, ``female``, ``code_compiles``,
+``reward_model`` (P = a·exp(r/β) with r a reward model trained by ``fdiv-align-rm``).
 
 A :class:`Task` holds the contexts and the scorer; ``task.target(base)`` builds P = a·Φ.
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 
 
 from .distributional import DistributionalConstraint
-from .scorers import AnyWord, CompilesAsPython, Scorer, VaderSentiment, WordPresent
+from .scorers import AnyWord, CompilesAsPython, RewardScorer, Scorer, VaderSentiment, WordPresent
 from .target import BaseLM, Target
 
 __all__ = ["Task", "get_task", "available_tasks", "science_words", "stdlib_signatures", "female_feature"]
@@ -97,8 +98,20 @@ def _code_compiles(num_contexts: int = 64, **kw):
                 **kw, description="conditional pointwise: stdlib signature + continuation compiles")
 
 
+def _reward_model(path: str | None = None, beta: float = 0.1, contexts: list[str] | None = None, **kw):
+    if not path:
+        raise ValueError("task reward_model needs task.params.path: the run directory of fdiv-align-rm (or its "
+                         "reward_model.pt)")
+    from ..reward_model import load_reward_model  # noqa: PLC0415 - loads a model: only for this task
+
+    rm = load_reward_model(path)
+    kw.setdefault("max_new_tokens", 12)
+    return Task("reward_model", RewardScorer(rm.rewards, beta=beta, name="reward_model"), contexts=contexts or [""], **kw,
+                description=f"reward: a trained reward model ({path}), P = a·exp(r/{beta})")
+
+
 _TASKS = {"amazing": _amazing, "science": _science, "sentiment": _sentiment, "female": _female,
-          "code_compiles": _code_compiles}
+          "code_compiles": _code_compiles, "reward_model": _reward_model}
 
 
 def available_tasks() -> list[str]:

@@ -1,0 +1,46 @@
+"""fdiv-align-report's rows from run directories: the base row from a steps=0 run, the target-p row
+pooled over the runs that aim at p itself (not at a floored p_ε)."""
+
+import json
+import math
+
+from fdiv_align.report import load_run, tables, target_row
+
+
+def _final(alignments, texts, kl_a, entropy):
+    return {"alignment": 0.5, "kl_pi_a": 1.0, "entropy": 10.0, "target_kl_a": kl_a, "target_entropy": entropy,
+            "qrs_proposed": 10, "qrs_accepted": len(texts), "qrs_tv_bound": 0.01,
+            "qrs_samples": {"texts": texts, "contexts": [""] * len(texts), "alignment": alignments}}
+
+
+def _write(root, name, steps, divergence, floor, final, base=None, seed=0):
+    run = root / name
+    run.mkdir(parents=True)
+    summary = {"task": "t", "divergence": divergence, "steps": steps, "seed": seed, "lora": True, "base": base,
+               "final": final, "config": {"divergence": {"log_phi_floor": floor}, "trainer": {"lr": 1e-3}}}
+    (run / "summary.json").write_text(json.dumps(summary))
+    (run / "metrics.jsonl").write_text("")
+    return run
+
+
+def test_base_row_from_the_steps0_run_and_target_row_pooled_over_unfloored_runs(tmp_path):
+    base = {"alignment": 0.125, "kl_pi_a": 0.0, "entropy": 9.0}
+    _write(tmp_path, "base", 0, "rkl", -10.0, base, base=base)
+    _write(tmp_path, "fkl0", 5, "fkl", None, _final([1.0, 0.0, 1.0], ["a b", "c d", "a b"], 2.0, 7.0))
+    _write(tmp_path, "js0", 5, "js", None, _final([1.0], ["e f"], 4.0, 9.0), seed=0)
+    _write(tmp_path, "rkl0", 5, "rkl", -10.0, _final([0.0] * 5, ["z"] * 5, 0.0, 1.0))  # aims at p_ε: left out
+    runs = [load_run(p.parent) for p in sorted(tmp_path.rglob("summary.json"))]
+    text = tables(runs)
+    rows = {line.split(" | ")[0][2:]: line for line in text.splitlines() if line.startswith("| ")}
+    assert set(rows) == {"divergence", "base (untuned)", "target p", "fkl", "js", "rkl"}  # no row for the steps=0 run
+    assert "0.125" in rows["base (untuned)"]
+    target = target_row([r for r in runs if r["summary"]["steps"] > 0])
+    pooled = [1.0, 0.0, 1.0, 1.0]  # fkl's and js's accepted samples, not rkl's
+    mean = sum(pooled) / 4
+    se = math.sqrt(sum((a - mean) ** 2 for a in pooled) / 3 / 4)
+    assert target["alignment"] == mean and target["cells"]["alignment"] == f"{mean:.3f} ± {se:.3f}"
+    assert target["kl_a"] == 3.0 and target["cells"]["entropy"] == "8.000 ± 1.000"
+    assert "4 of 20 proposals accepted" in target["description"] and "p_ε" in target["description"]
+    only_floored = target_row([r for r in runs if r["summary"]["divergence"] == "rkl" and r["summary"]["steps"] > 0])
+    assert only_floored["alignment"] == 0.0 and "this is p_ε" in only_floored["description"]
+    assert target_row([load_run(_write(tmp_path, "plain", 5, "tv", None, {"alignment": 0.1}))]) is None  # no QRS
