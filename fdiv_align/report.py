@@ -61,6 +61,35 @@ def _cell(key, values) -> str:
     return text
 
 
+#: a divergence's cell is separable when it differs from another divergence's by more than this many standard
+#: errors of the difference, √(se₁² + se₂²) (seeds as independent replicates)
+SEPARABLE_Z = 2.0
+UNSEPARABLE_NOTE = (f"A cell marked ~ is not separable from noise: it differs from no other divergence's value on that "
+                    f"column by more than {SEPARABLE_Z:g} standard errors of the difference (or has one seed only, or "
+                    f"is infinite); only unmarked cells support an ordering.")
+
+
+def _stats(values) -> tuple[float, float] | None:
+    """(mean, standard error over seeds) of finite values from ≥ 2 seeds, else None."""
+    vals = [v for v in values if v is not None]
+    if len(vals) < 2 or any(not math.isfinite(v) for v in vals):
+        return None
+    m = sum(vals) / len(vals)
+    return m, math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1) / len(vals))
+
+
+def separable_cells(values: dict[str, list]) -> set[str]:
+    """The divergences whose mean (of per-seed ``values[div]``) differs from at least one other divergence's
+    by more than ``SEPARABLE_Z`` standard errors of the difference."""
+    stats = {d: _stats(v) for d, v in values.items()}
+    out = set()
+    for a, sa in stats.items():
+        for b, sb in stats.items():
+            if a != b and sa and sb and abs(sa[0] - sb[0]) > SEPARABLE_Z * math.hypot(sa[1], sb[1]):
+                out.add(a)
+    return out
+
+
 def _mean_se(values):
     vals = [v for v in values if v is not None]
     if not vals:
@@ -150,13 +179,17 @@ def tables(runs: list[dict]) -> str:
         if target is not None:
             lines.append("| target p | " + " | ".join(target["cells"].get(k, "–") for k, _ in COLUMNS)
                          + f" | – | {target['description']} |")
-        for div in sorted(divs, key=lambda d: (DIV_ORDER.index(d) if d in DIV_ORDER else 99, d)):
-            rs = sorted(divs[div], key=lambda r: r["summary"]["seed"])
-            cells = [_cell(k, [r["summary"]["final"].get(k) for r in rs]) for k, _ in COLUMNS]
+        order = sorted(divs, key=lambda d: (DIV_ORDER.index(d) if d in DIV_ORDER else 99, d))
+        per_seed = {d: sorted(divs[d], key=lambda r: r["summary"]["seed"]) for d in order}
+        values = {k: {d: [r["summary"]["final"].get(k) for r in rs] for d, rs in per_seed.items()} for k, _ in COLUMNS}
+        separable = {k: separable_cells(v) for k, v in values.items()}
+        for div, rs in per_seed.items():
+            cells = [_cell(k, values[k][div]) + ("" if div in separable[k] or _cell(k, values[k][div]) == "–" else " ~")
+                     for k, _ in COLUMNS]
             seeds = ",".join(str(r["summary"]["seed"]) for r in rs)
             settings = "; ".join(sorted({_settings(r) for r in rs}))
             lines.append(f"| {div} | " + " | ".join(cells) + f" | {seeds} | {settings} |")
-        lines += ["", NOISE_NOTE, ""]
+        lines += ["", NOISE_NOTE, "", UNSEPARABLE_NOTE, ""]
     return "\n".join(lines)
 
 

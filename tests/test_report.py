@@ -44,3 +44,13 @@ def test_base_row_from_the_steps0_run_and_target_row_pooled_over_unfloored_runs(
     only_floored = target_row([r for r in runs if r["summary"]["divergence"] == "rkl" and r["summary"]["steps"] > 0])
     assert only_floored["alignment"] == 0.0 and "this is p_ε" in only_floored["description"]
     assert target_row([load_run(_write(tmp_path, "plain", 5, "tv", None, {"alignment": 0.1}))]) is None  # no QRS
+
+
+def test_separable_cells_need_a_difference_beyond_two_standard_errors():
+    from fdiv_align.report import separable_cells
+
+    # a: mean 1.0, se 0.0058; b: mean 1.1, se 0.0058 → Δ = 0.1 > 2·0.0082: both separable; c: one seed → never
+    values = {"a": [0.99, 1.0, 1.01], "b": [1.09, 1.1, 1.11], "c": [5.0], "d": [1.0, 1.1, 1.2]}
+    assert separable_cells(values) == {"a", "b"}  # d (se 0.058) is within 2 s.e. of both
+    assert separable_cells({"a": [0.99, 1.0, 1.01], "b": [1.0, 1.01, 1.02]}) == set()  # Δ 0.01 < 2·0.0082
+    assert separable_cells({"a": [1.0, float("inf")], "b": [0.0, 0.1]}) == set()  # an infinite value: no claim
