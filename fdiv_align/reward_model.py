@@ -1,8 +1,8 @@
 """Reward models: a sequence-classification head on the base LM, trained on preference pairs.
 
-r(x, c) = wᵀ h(c, x) + b, where h is the decoder's final hidden state at the last token of context +
-continuation (the layout the library scores and samples with: [BOS] + context, then the continuation;
-fdiv_align/batch.py) — the head of InstructGPT's reward model, and the position Hugging Face's
+r(x, c) = wᵀ h(c, x) + b, where h is the decoder's final hidden state at the EOS token closing context +
+continuation (the layout the library scores and samples with: [BOS] + context, then the continuation
+and EOS; fdiv_align/batch.py — so an empty continuation has a reward too) — the head of InstructGPT's reward model, and the position Hugging Face's
 ``*ForSequenceClassification`` reads. The body is the base model with LoRA adapters by default
 (``model.lora``), or fully fine-tuned. Trained by Bradley–Terry, −log σ(r(y_w) − r(y_l) − m)
 (:func:`fdiv_align.preference_loss.bradley_terry_loss`; ``fdiv-align-rm``, fdiv_align/pair_training.py),
@@ -66,7 +66,7 @@ class RewardModel(nn.Module):
 
     def forward(self, contexts: list[str], texts: list[str]) -> torch.Tensor:
         """[N] float32 rewards r(texts[i], contexts[i]) under the caller's grad mode."""
-        batch = make_batch(self.tokenizer, list(contexts), list(texts))
+        batch = make_batch(self.tokenizer, list(contexts), list(texts), add_eos=True)
         h = last_token_hidden(self.model, batch, self.pad_id)
         return self.head(h.float()).squeeze(-1)
 

@@ -18,6 +18,8 @@ from fdiv_align.pair_training import run_preference_opt, run_reward_model, split
 from fdiv_align.preferences import load_preferences, synthetic_preferences, write_preferences
 from fdiv_align.reward_model import RewardModel, RewardModelError, load_reward_model, save_reward_model
 from fdiv_align.targets.tasks import get_task
+from fdiv_align.trainer import Trainer
+from trainer_helpers import tiny_cfg
 
 WORDS = [w for w in TINY_WORDS if w not in ("(", ")", ":", ",", ".")]
 
@@ -62,6 +64,14 @@ def test_reward_model_learns_a_known_preference_and_serves_the_reward_model_task
     task = get_task("reward_model", path=str(tmp_path / "rm"), beta=0.5)
     texts = ["good cat", "bad dog"]
     assert torch.allclose(task.scorer.log_scores(texts, ["", ""]), rm.rewards(texts, ["", ""]) / 0.5, rtol=1e-12, atol=0)
+    # f-DPG on that task, configured as the CLI does: its evaluation's alignment is the reward model's mean r
+    cfg = tiny_cfg(task={"name": "reward_model", "params": {"path": str(tmp_path / "rm"), "beta": 0.5}},
+                   divergence={"name": "js"}, trainer={"steps": 2, "eval_every": 0, "checkpoint_every": 0})
+    trainer = Trainer(cfg, output_dir=tmp_path / "fdpg")
+    summary = trainer.train()
+    rec, samples = trainer.evaluate()
+    expected = rm.rewards(samples["texts"], samples["contexts"])
+    assert summary["final"]["alignment"] == pytest.approx(float(expected.mean()), rel=1e-9)
 
 
 def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(prefs, tmp_path):
