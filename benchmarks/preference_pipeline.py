@@ -30,7 +30,7 @@ PROMPTS = ["The movie was", "My day at the beach was", "The food at this restaur
            "Our hotel room was", "The concert last night", "This book made me feel", "The customer service was",
            "My new job is", "The weather this weekend", "The game ended and we", "Honestly, the service here",
            "The trip to the mountains", "This coffee tastes", "The meeting this morning", "Living in this city"]
-RESPONSES_PER_PROMPT = 64  # → 32 pairs per prompt, 512 pairs
+RESPONSES_PER_PROMPT = 32  # → 16 pairs per prompt, 256 pairs
 MAX_NEW_TOKENS = 16
 TAU = 0.1  # Bradley–Terry temperature of the synthetic labels: P(a ≻ b) = σ((r(a) − r(b))/τ)
 BETA = 0.1  # P = a·exp(r/β) for f-DPG; f-DPO's β
@@ -142,7 +142,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", default="runs/preference_pipeline")
     ap.add_argument("--out", default="docs/results/preference_pipeline.md")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads of every stage (default: all cores)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     times_path = work / "times.json"
@@ -150,7 +153,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     data = make_data(work, times)
     times_path.write_text(json.dumps(times))
-    common = ["training.progress=false"]
+    common = ["training.progress=false"] + ([f"training.threads={args.threads}"] if args.threads else [])
     _stage("2 reward model", work / "rm" / "summary.json",
            _cli("rm_main", f"training.data={data}", f"output_dir={work / 'rm'}", *common), times,
            f"fdiv-align-rm training.data={data} output_dir={work / 'rm'}")
@@ -161,6 +164,7 @@ def main(argv=None):
                  "trainer.steps=20", "trainer.eval_every=0", "trainer.eval_at_start=false",
                  f"trainer.eval_samples={EVAL_SAMPLES}", "trainer.eval_micro_batch_size=64",
                  f"logger.log_samples={EVAL_SAMPLES}", "logger.progress=false", f"output_dir={work / f'fdpg_{div}'}"]
+        args_ += [f"trainer.threads={args.threads}"] if args.threads else []
         _stage(f"3 f-DPG {div}", work / f"fdpg_{div}" / "summary.json", _cli("main", *args_), times,
                "fdiv-align " + " ".join(args_))
         times_path.write_text(json.dumps(times))

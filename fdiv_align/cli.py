@@ -81,6 +81,7 @@ def _run(cfg) -> dict:
             with stops.abortable("model loading"):
                 trainer = Trainer(config, output_dir=out)
             summary = trainer.train()
+        late_signal = stops.signum  # a stop that came after the last step (final evaluation): the run finished
     except RunInterrupted as exc:
         print(f"[fdiv-align] interrupted by {signal.Signals(exc.signum).name} during {exc.phase}: no step was taken, "
               f"nothing to save", file=sys.stderr, flush=True)
@@ -97,6 +98,10 @@ def _run(cfg) -> dict:
         print(f"[fdiv-align] {config.divergence.name} on {config.task.name}: alignment {_fmt(base.get('alignment'))} "
               f"(base) -> {_fmt(final.get('alignment'))}; KL(pi||a) {_fmt(final.get('kl_pi_a'), 3)}; "
               f"{summary['wall_seconds_this_run']:.0f}s; run dir {out}")
+        if late_signal is not None:  # the run is complete, but the user asked to stop: a sweep must not go on
+            print(f"[fdiv-align] {signal.Signals(late_signal).name} arrived after the last step: this run finished and "
+                  f"was saved; stopping here", file=sys.stderr, flush=True)
+            _exit_by_signal(late_signal)
         return summary
     if summary.get("saved"):
         print(f"[fdiv-align] interrupted at step {summary['step']}; checkpoint saved in {out}/checkpoints. "

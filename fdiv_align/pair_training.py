@@ -201,7 +201,7 @@ def train_on_pairs(objective, pairs: list[PreferencePair], training, run_dir: st
         optimizer.step()
         step += 1
         acc, _ = pairwise_accuracy(diffs)
-        logger.log(step, {"kind": "train", "loss": float(loss), "accuracy": acc, "grad_norm": float(grad_norm),
+        logger.log(step, {"kind": "train", "loss": float(loss.detach()), "accuracy": acc, "grad_norm": float(grad_norm),
                           "epoch": epoch, "seconds": time.perf_counter() - ts})
         if step % per_epoch == 0 or step == total:
             last = _evaluate(objective, heldout, bs)
