@@ -30,11 +30,12 @@ PROMPTS = ["The movie was", "My day at the beach was", "The food at this restaur
            "Our hotel room was", "The concert last night", "This book made me feel", "The customer service was",
            "My new job is", "The weather this weekend", "The game ended and we", "Honestly, the service here",
            "The trip to the mountains", "This coffee tastes", "The meeting this morning", "Living in this city"]
-RESPONSES_PER_PROMPT = 32  # → 16 pairs per prompt, 256 pairs
+RESPONSES_PER_PROMPT = 48  # → 24 pairs per prompt, 384 pairs
 MAX_NEW_TOKENS = 16
 TAU = 0.1  # Bradley–Terry temperature of the synthetic labels: P(a ≻ b) = σ((r(a) − r(b))/τ)
 BETA = 0.1  # P = a·exp(r/β) for f-DPG; f-DPO's β
 EVAL_SAMPLES, EVAL_SEED = 128, 1234
+RM_ARGS = ["training.lr=1e-3", "training.epochs=3"]
 
 
 def _cli(entry: str, *args: str) -> list[str]:
@@ -155,8 +156,8 @@ def main(argv=None):
     times_path.write_text(json.dumps(times))
     common = ["training.progress=false"] + ([f"training.threads={args.threads}"] if args.threads else [])
     _stage("2 reward model", work / "rm" / "summary.json",
-           _cli("rm_main", f"training.data={data}", f"output_dir={work / 'rm'}", *common), times,
-           f"fdiv-align-rm training.data={data} output_dir={work / 'rm'}")
+           _cli("rm_main", f"training.data={data}", *RM_ARGS, f"output_dir={work / 'rm'}", *common), times,
+           f"fdiv-align-rm training.data={data} {' '.join(RM_ARGS)} output_dir={work / 'rm'}")
     times_path.write_text(json.dumps(times))
     for div in ("js", "rkl"):
         args_ = ["task=reward_model", f"task.params.path={work / 'rm'}", f"task.params.beta={BETA}",

@@ -148,3 +148,22 @@ def test_cli_entry_points_train_and_reject_unknown_keys(prefs, tmp_path):
     assert out.returncode != 0 and "Key 'dta' not in 'PairTrainingConfig'" in out.stderr
     out = cli("main", "model=tiny", "task=reward_model", "trainer=smoke")
     assert out.returncode != 0 and "task.params.path" in out.stderr
+
+
+def test_last_token_hidden_is_the_unpadded_rows_last_state():
+    """The reward model reads h at the last token of [BOS] + context + continuation (+ EOS); in a batch with
+    left-padded prompts and right-padded continuations of different lengths it must equal the state from
+    running each row alone, without padding (positions from the attention mask, as in sampling)."""
+    from fdiv_align.batch import make_batch
+    from fdiv_align.sampling import backbone_and_head, last_token_hidden
+
+    lm = tiny_model(seed=3)
+    contexts, texts = ["the cat", "", "she is very happy and"], ["is good", "bad", "he was not sad at all"]
+    batch = make_batch(lm.tokenizer, contexts, texts, add_eos=True)
+    with torch.no_grad():
+        got = last_token_hidden(lm.model, batch, lm.tokenizer.pad_token_id)
+        backbone, _ = backbone_and_head(lm.model)
+        for i in range(len(texts)):
+            ids = torch.cat([batch.prompt_ids[i][batch.prompt_mask[i].bool()], batch.tokens[i][batch.mask[i].bool()]])
+            alone = backbone(input_ids=ids[None]).last_hidden_state[0, -1]
+            assert torch.allclose(got[i], alone, rtol=1e-5, atol=1e-5 * float(alone.abs().max())), i
