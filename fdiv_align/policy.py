@@ -18,11 +18,12 @@ from .attention import register_grouped_eager
 from .config import ModelConfig
 from .fast_lora import install_fast_lora_forward
 from .logprobs import LogProbBackend, SamplingConfig
+from .models import lora_wrap
 from .precision import ComputePlan
 from .sampling import Batch, sample, score, weighted_logprob_sum
 from .targets import BaseLM
 
-__all__ = ["Policy", "prepare_policy", "maybe_lora", "lora_wrap"]
+__all__ = ["Policy", "prepare_policy", "maybe_lora"]
 
 
 class Policy:
@@ -135,20 +136,6 @@ def maybe_lora(model, m: ModelConfig):
         if use_lora and hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     return model, use_lora
-
-
-def lora_wrap(model, m: ModelConfig):
-    """``model`` with LoRA adapters (rank ``m.lora_r``, α ``m.lora_alpha``) on the modules of
-    ``m.lora_target_modules`` it has; none of them present is an error (LoRA would train nothing)."""
-    from peft import LoraConfig, get_peft_model
-
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    targets = [t for t in m.lora_target_modules if t in present]
-    if not targets:
-        raise ValueError(f"model.lora_target_modules {list(m.lora_target_modules)} match no module of "
-                         f"{type(model).__name__}: LoRA would train nothing")
-    return get_peft_model(model, LoraConfig(r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
-                                            target_modules=targets, task_type="CAUSAL_LM"))
 
 
 def _set_attention(model, wanted: str | None) -> None:

@@ -105,8 +105,7 @@ def load_reward_model(path: str | os.PathLike, device: str | torch.device = "cpu
     the LoRA adapter (or full weights) and the head. Clear errors on a missing file, a file that is not a
     reward model, a missing head, or weights that do not fit the base."""
     from .config import ModelConfig
-    from .models import load_configured
-    from .policy import lora_wrap
+    from .models import load_configured, lora_wrap
 
     path = Path(path)
     file = path / REWARD_MODEL_FILE if path.is_dir() else path
