@@ -135,7 +135,8 @@ def _pair_run(schema, runner, describe):
         config = from_dict(_container(cfg), schema)
         summary = runner(config, out)
         final, initial = summary["final"], summary["initial"]
-        print(f"[{describe(config)}] held-out pairwise accuracy {initial['heldout_accuracy']:.3f} -> "
+        start = f"{initial['heldout_accuracy']:.3f} -> " if initial else ""
+        print(f"[{describe(config)}] held-out pairwise accuracy {start}"
               f"{final['heldout_accuracy']:.3f} ± {final['heldout_accuracy_se']:.3f} on {final['heldout_pairs']} pairs; "
               f"{summary['wall_seconds_this_run']:.0f}s; run dir {out}", flush=True)
         return summary

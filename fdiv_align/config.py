@@ -204,6 +204,8 @@ class PairTrainingConfig:
     eval_fraction: float = 0.2  # held-out pairs (a seeded permutation of the file) for pairwise accuracy
     epochs: int = 2
     batch_size: int = 16  # pairs per step
+    eval_batch_size: int = 32  # pairs per forward of the held-out evaluation (no gradients)
+    eval_at_start: bool = True  # evaluate the held-out pairs before the first step (0.5 for a new head or π = π_ref)
     lr: float = 1e-4
     weight_decay: float = 0.0
     max_grad_norm: Optional[float] = 1.0
@@ -346,6 +348,8 @@ def validate_pairs(cfg: RewardModelConfig | PreferenceOptConfig) -> None:
         (_finite(t.eval_fraction) and 0 < t.eval_fraction < 1, f"training.eval_fraction must be in (0, 1), got {t.eval_fraction!r}"),
         (isinstance(t.epochs, int) and t.epochs >= 1, f"training.epochs must be an integer ≥ 1, got {t.epochs!r}"),
         (isinstance(t.batch_size, int) and t.batch_size >= 1, f"training.batch_size must be an integer ≥ 1, got {t.batch_size!r}"),
+        (isinstance(t.eval_batch_size, int) and t.eval_batch_size >= 1,
+         f"training.eval_batch_size must be an integer ≥ 1, got {t.eval_batch_size!r}"),
         (_finite(t.lr) and t.lr > 0, f"training.lr must be a finite number > 0, got {t.lr!r}"),
         (_finite(t.weight_decay) and t.weight_decay >= 0, f"training.weight_decay must be ≥ 0, got {t.weight_decay!r}"),
         (t.max_grad_norm is None or (_finite(t.max_grad_norm) and t.max_grad_norm > 0),

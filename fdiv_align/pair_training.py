@@ -12,7 +12,9 @@ The pairs of ``training.data`` are split by a seeded permutation into a training
 (``training.eval_fraction``). Each epoch visits the training pairs in a permutation drawn from
 (seed, epoch), ``batch_size`` pairs per step, AdamW, gradient clipping. Held-out pairwise accuracy — the
 fraction of pairs whose score difference s_i (r_w − r_l, or r̂_w − r̂_l, without the data margin) is > 0,
-ties counted ½ — with its binomial standard error √(acc(1−acc)/n), at the start and after every epoch.
+ties counted ½ — with its binomial standard error √(acc(1−acc)/n), at the start (unless
+``eval_at_start`` is false; summary.json's ``initial`` is then null) and after every epoch, ``eval_batch_size``
+pairs per forward.
 Checkpoints (fdiv_align/checkpoint.py: atomic, verified) every ``checkpoint_every`` steps and at the end;
 a rerun resumes from the newest one, and re-draws exactly the same batches. metrics.jsonl holds one
 record per step and per evaluation; summary.json (written atomically, last) the outcome.
@@ -171,8 +173,9 @@ def train_on_pairs(objective, pairs: list[PreferencePair], training, run_dir: st
     else:
         for stale in ("metrics.jsonl", "summary.json"):
             (run_dir / stale).unlink(missing_ok=True)
-        initial = _evaluate(objective, heldout, bs)
-        logger.log(0, initial)
+        if training.eval_at_start:
+            initial = _evaluate(objective, heldout, training.eval_batch_size)
+            logger.log(0, initial)
 
     def save():
         save_checkpoint(run_dir / "checkpoints", step, {"model": objective.state(), "optimizer": optimizer.state_dict(),
@@ -204,7 +207,7 @@ def train_on_pairs(objective, pairs: list[PreferencePair], training, run_dir: st
         logger.log(step, {"kind": "train", "loss": float(loss.detach()), "accuracy": acc, "grad_norm": float(grad_norm),
                           "epoch": epoch, "seconds": time.perf_counter() - ts})
         if step % per_epoch == 0 or step == total:
-            last = _evaluate(objective, heldout, bs)
+            last = _evaluate(objective, heldout, training.eval_batch_size)
             logger.log(step, last)
         if training.checkpoint_every and step % training.checkpoint_every == 0 and step < total:
             save()

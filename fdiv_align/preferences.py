@@ -108,12 +108,17 @@ def write_preferences(pairs: Sequence[PreferencePair], path: str | Path) -> Path
 
 def synthetic_preferences(prompts: Sequence[str], responses: Sequence[Sequence[str]],
                           reward: Callable[[list[str], list[str]], Sequence[float]], temperature: float = 1.0,
-                          generator: torch.Generator | None = None, with_margin: bool = False) -> list[PreferencePair]:
+                          generator: torch.Generator | None = None, with_margin: bool = False,
+                          min_gap: float = 0.0) -> list[PreferencePair]:
     """Pairs labelled by Bradley–Terry noise: for prompt i, consecutive responses (2k, 2k+1) of
     ``responses[i]`` form a pair; a is chosen over b with probability σ((r(a) − r(b))/τ), r = ``reward``
-    (texts, contexts). Pairs of equal texts are skipped. ``with_margin`` stores |r(a) − r(b)|/τ."""
+    (texts, contexts). Pairs of equal texts are skipped, and so are pairs with |r(a) − r(b)| < ``min_gap``
+    (the annotator's "no preference", which preference data sets drop; 0 keeps every pair).
+    ``with_margin`` stores |r(a) − r(b)|/τ."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if not min_gap >= 0:
+        raise ValueError(f"min_gap must be >= 0, got {min_gap!r}")
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} response lists")
     pairs = []
@@ -125,7 +130,7 @@ def synthetic_preferences(prompts: Sequence[str], responses: Sequence[Sequence[s
                              f"expected one finite number each")
         for k in range(0, len(group) - 1, 2):
             a, b = group[k], group[k + 1]
-            if a == b:
+            if a == b or abs(float(r[k] - r[k + 1])) < min_gap:
                 continue
             diff = float(r[k] - r[k + 1]) / temperature
             a_wins = bool(torch.rand((), generator=generator, dtype=torch.float64) < torch.sigmoid(torch.tensor(diff)))

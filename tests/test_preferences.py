@@ -61,6 +61,19 @@ def test_synthetic_labels_follow_bradley_terry():
         synthetic_preferences(["p"], [["a", "b"]], lambda t, c: [float("nan"), 0.0])
 
 
+def test_synthetic_preferences_drop_pairs_closer_than_min_gap():
+    """Hidden rewards 0, 0.05, 0.3 for the texts "x<i>": with min_gap 0.1 exactly the pairs whose gap is
+    at least 0.1 remain; a negative gap is refused."""
+    value = {"x0": 0.0, "x1": 0.05, "x2": 0.3}
+    reward = lambda texts, ctx: [value[t] for t in texts]  # noqa: E731
+    groups = [["x0", "x1"], ["x0", "x2"], ["x1", "x2"], ["x2", "x2"]]
+    pairs = synthetic_preferences(["p"] * 4, groups, reward, 0.1, torch.Generator().manual_seed(0), min_gap=0.1)
+    assert sorted(tuple(sorted((p.chosen, p.rejected))) for p in pairs) == [("x0", "x2"), ("x1", "x2")]
+    assert len(synthetic_preferences(["p"] * 4, groups, reward, 0.1, torch.Generator().manual_seed(0))) == 3
+    with pytest.raises(ValueError, match="min_gap must be >= 0, got -0.1"):
+        synthetic_preferences(["p"], [["x0", "x1"]], reward, 0.1, min_gap=-0.1)
+
+
 def _minimise(nll, k: int) -> torch.Tensor:
     """argmin of a smooth convex function of k float64 parameters (LBFGS from 0, strong Wolfe)."""
     free = torch.zeros(k, dtype=torch.float64, requires_grad=True)

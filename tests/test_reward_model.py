@@ -75,11 +75,17 @@ def test_reward_model_learns_a_known_preference_and_serves_the_reward_model_task
 
 
 def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(prefs, tmp_path):
-    straight = run_reward_model(_rm_cfg(prefs, epochs=2), tmp_path / "a")
+    """Also: the held-out evaluation's batching (eval_batch_size) does not change its figures, and
+    eval_at_start=false skips only the step-0 evaluation."""
+    straight = run_reward_model(_rm_cfg(prefs, epochs=2, eval_batch_size=7, eval_at_start=False), tmp_path / "a")
+    assert straight["initial"] is None
+    assert [json.loads(l)["step"] for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+            if '"eval"' in l] == [straight["steps"] // 2, straight["steps"]]
     run_reward_model(_rm_cfg(prefs, epochs=1, checkpoint_every=3), tmp_path / "b")  # stops after epoch 1
     resumed = run_reward_model(_rm_cfg(prefs, epochs=2, checkpoint_every=3), tmp_path / "b")
+    assert resumed["initial"]["heldout_accuracy"] == 0.5
     assert resumed["final"]["heldout_accuracy"] == straight["final"]["heldout_accuracy"]
-    assert resumed["final"]["heldout_loss"] == straight["final"]["heldout_loss"]
+    assert resumed["final"]["heldout_loss"] == pytest.approx(straight["final"]["heldout_loss"], rel=1e-6)
     a, b = (torch.load(p / "reward_model.pt", weights_only=False)
             for p in (tmp_path / "a", tmp_path / "b"))
     assert all(torch.equal(a["body"][k], b["body"][k]) for k in a["body"]) and torch.equal(a["head"]["weight"], b["head"]["weight"])
