@@ -218,8 +218,10 @@ def report(work: Path, results: dict, times: dict) -> str:
         f"(≤ {MAX_NEW_TOKENS} tokens), labelled by VADER with Bradley–Terry noise τ = {TAU}.",
         f"- Reward model: held-out pairwise accuracy (0.5 for the untrained head, which ties every pair) "
         f"**{fin['heldout_accuracy']:.3f} ± {fin['heldout_accuracy_se']:.3f}** on {fin['heldout_pairs']} "
-        f"held-out pairs ({z:.1f} standard errors above chance), {rm['steps']} steps of {rm['config']['training']['batch_size']} pairs ({rm['epochs']} epochs of {rm['train_pairs']} training pairs). The ceiling: VADER itself "
-        f"— the hidden reward — orders {ceiling:.3f} ± {ceiling_se:.3f} of the same held-out pairs as their noisy labels do.",
+        f"held-out pairs ({z:.1f} standard errors above chance), {rm['steps']} steps of "
+        f"{rm['config']['training']['batch_size']} pairs ({rm['epochs']} epochs of {rm['train_pairs']} training pairs). "
+        f"The ceiling: VADER itself — the hidden reward — orders {ceiling:.3f} ± {ceiling_se:.3f} of the same held-out "
+        f"pairs as their noisy labels do.",
         "",
         "| stage | seconds |",
         "|---|---|",
@@ -228,7 +230,8 @@ def report(work: Path, results: dict, times: dict) -> str:
     lines += [f"| **total** | **{sum(times.values()):.0f}** ({sum(times.values()) / 60:.1f} min) |", "",
               f"Evaluation: the same {EVAL_SAMPLES} (prompt, uniforms) draws for every policy (the trainer's evaluation "
               f"design); VADER compound sentiment in [−1, 1] (the preference the data encodes) and the reward model's r, "
-              f"mean ± s.e. f-DPG: 20 steps × 16 samples towards P = a·exp(r/{BETA}); f-DPO: one epoch in batches of 16 pairs, β = {BETA}.", "",
+              f"mean ± s.e. f-DPG: 20 steps × 16 samples towards P = a·exp(r/{BETA}); f-DPO: one epoch in batches of 16 "
+              f"pairs, β = {BETA}.", "",
               "| policy | VADER sentiment | reward model r | example continuation |", "|---|---|---|---|"]
     for name, r in results.items():
         example = r["example"].replace("|", "\\|").replace("\n", " ")

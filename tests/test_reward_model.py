@@ -85,7 +85,9 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(prefs, tmp_path):
     resumed = run_reward_model(_rm_cfg(prefs, epochs=2, checkpoint_every=3), tmp_path / "b")
     assert resumed["initial"]["heldout_accuracy"] == 0.5
     assert resumed["final"]["heldout_accuracy"] == straight["final"]["heldout_accuracy"]
-    assert resumed["final"]["heldout_loss"] == pytest.approx(straight["final"]["heldout_loss"], rel=1e-6)
+    # other eval batches pad rows differently: the same fp32 forward up to reduction order (ulps of 6e-8,
+    # grown through the tiny model's layers), far below any change a training step makes
+    assert resumed["final"]["heldout_loss"] == pytest.approx(straight["final"]["heldout_loss"], rel=1e-5)
     a, b = (torch.load(p / "reward_model.pt", weights_only=False)
             for p in (tmp_path / "a", tmp_path / "b"))
     assert all(torch.equal(a["body"][k], b["body"][k]) for k in a["body"]) and torch.equal(a["head"]["weight"], b["head"]["weight"])
