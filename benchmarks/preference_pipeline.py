@@ -61,21 +61,23 @@ def _eval_draws(num_contexts: int):
     return torch.arange(EVAL_SAMPLES) % num_contexts, torch.rand((EVAL_SAMPLES, MAX_NEW_TOKENS), generator=g, dtype=torch.float64)
 
 
-def _sample(model, tokenizer, ctx, U):
+def _sample(model, tokenizer, ctx, U=None, generator=None) -> list[str]:
+    """One continuation of PROMPTS[ctx[i]] per row, SAMPLE_BATCH rows per call: from the uniforms ``U``
+    (common random numbers) or, without them, drawn from ``generator``."""
     from fdiv_align.sampling import sample
 
     texts = []
     with torch.no_grad():
         for i in range(0, len(ctx), SAMPLE_BATCH):
-            texts += sample(model, tokenizer, PROMPTS, 0, MAX_NEW_TOKENS, context_index=ctx[i:i + SAMPLE_BATCH],
-                            uniforms=U[i:i + SAMPLE_BATCH]).texts
+            texts += sample(model, tokenizer, PROMPTS, 0, MAX_NEW_TOKENS, generator=generator,
+                            context_index=ctx[i:i + SAMPLE_BATCH],
+                            uniforms=None if U is None else U[i:i + SAMPLE_BATCH]).texts
     return texts
 
 
 def make_data(work: Path, times: dict) -> Path:
     from fdiv_align.models import load_model
     from fdiv_align.preferences import synthetic_preferences, write_preferences
-    from fdiv_align.sampling import sample
     from fdiv_align.targets.scorers import VaderSentiment
 
     path = work / "prefs.jsonl"
@@ -85,15 +87,10 @@ def make_data(work: Path, times: dict) -> Path:
     t = time.perf_counter()
     lm = load_model("smollm2-135m")
     g = torch.Generator().manual_seed(0)
-    responses = [[] for _ in PROMPTS]
-    with torch.no_grad():
-        ctx_all = torch.arange(len(PROMPTS)).repeat_interleave(RESPONSES_PER_PROMPT)
-        for i in range(0, len(ctx_all), SAMPLE_BATCH):
-            b = sample(lm.model, lm.tokenizer, PROMPTS, 0, MAX_NEW_TOKENS, generator=g, context_index=ctx_all[i:i + SAMPLE_BATCH])
-            for c, text in zip(b.context_index.tolist(), b.texts):
-                responses[c].append(text)
-    vader = VaderSentiment(beta=1.0)
-    pairs = synthetic_preferences(PROMPTS, responses, lambda texts, ctxs: vader.rewards(texts, ctxs), temperature=TAU,
+    ctx_all = torch.arange(len(PROMPTS)).repeat_interleave(RESPONSES_PER_PROMPT)
+    texts = _sample(lm.model, lm.tokenizer, ctx_all, generator=g)
+    responses = [texts[c * RESPONSES_PER_PROMPT:(c + 1) * RESPONSES_PER_PROMPT] for c in range(len(PROMPTS))]
+    pairs = synthetic_preferences(PROMPTS, responses, VaderSentiment(beta=1.0).rewards, temperature=TAU,
                                   generator=g, min_gap=MIN_GAP)
     seen, unique = set(), []
     for p in pairs:  # identical pairs (the same two continuations twice) would be refused by the loader
@@ -117,7 +114,8 @@ def evaluate(work: Path) -> dict:
     if cache.exists():
         return json.loads(cache.read_text())
     ctx, U = _eval_draws(len(PROMPTS))
-    texts = {"base (SmolLM2)": _sample(*_base(load_model), ctx, U)}
+    base = load_model("smollm2-135m")
+    texts = {"base (SmolLM2)": _sample(base.model, base.tokenizer, ctx, U)}
     for div in ("js", "rkl"):
         rows = [json.loads(l) for l in (work / f"fdpg_{div}" / "samples.jsonl").read_text().splitlines()]
         last = max(r["step"] for r in rows)
@@ -136,11 +134,6 @@ def evaluate(work: Path) -> dict:
                      "reward": float(r.mean()), "reward_se": float(r.std() / math.sqrt(len(r))), "example": ts[0]}
     cache.write_text(json.dumps(out, indent=2))
     return out
-
-
-def _base(load_model):
-    lm = load_model("smollm2-135m")
-    return lm.model, lm.tokenizer
 
 
 def main(argv=None):

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # SmolLM2 result tables: the five tasks × rkl, fkl, js × seeds 0,1,2 (TASKS=..., DIVERGENCES=...,
-# SEEDS=... to change; tv is left out for the CPU budget, the exact benchmark has it) at CPU scale (conf/trainer/smollm2_sweep.yaml: 20 steps × 16 samples, ≤ 16 new
-# tokens, one final evaluation of 256 samples with the target-p row by QRS), plus one steps=0 run per
-# task that evaluates the base model once. Extra arguments go to every run (e.g. model.device=cuda
-# WORKERS=1 on a GPU).
+# SEEDS=... to change; tv is left out for the CPU budget, the exact benchmark has it) at CPU scale
+# (conf/trainer/smollm2_sweep.yaml: 20 steps × 16 samples, ≤ 16 new tokens, one final evaluation of
+# 256 samples with the target-p row by QRS), plus one steps=0 run per task that evaluates the base
+# model once. Extra arguments go to every run (e.g. model.device=cuda WORKERS=1 on a GPU).
 # WORKERS processes run side by side (default 2, each with nproc/WORKERS torch threads), the
-# (task, divergence) cells dealt out between them round-robin. Run directories (checkpoints, samples, logs) go to $SWEEP
-# (default runs/smollm2, outside the source tree); the compact results the report needs (summary.json,
+# (task, divergence) cells dealt out between them round-robin. Run directories (checkpoints, samples,
+# logs) go to $SWEEP (default runs/smollm2, outside the source tree); the compact results the report needs (summary.json,
 # metrics.jsonl, .hydra/config.yaml) are copied to benchmarks/results/smollm2/, from which
 # docs/results/smollm2.md and its plots are made.
 # Resumable: rerunning skips finished runs (summary.json) and resumes unfinished ones from checkpoints.

@@ -135,11 +135,7 @@ def target_row(runs: list[dict]) -> dict | None:
     n = len(align)
     mean = sum(align) / n
     sub = texts[:TARGET_TEXTS]
-    if n > 1:
-        align_cell = f"{mean:.3f} ± {math.sqrt(sum((a - mean) ** 2 for a in align) / (n - 1) / n):.3f}"
-    else:
-        align_cell = f"{mean:.3f} (1 sample)"
-    cells = {"alignment": align_cell, "kl_pi_a": _mean_se([f["target_kl_a"] for f in finals]),
+    cells = {"alignment": _mean_se(align) + (" (1 sample)" if n == 1 else ""), "kl_pi_a": _mean_se([f["target_kl_a"] for f in finals]),
              "entropy": _mean_se([f["target_entropy"] for f in finals]),
              "distinct_1": f"{distinct_n(sub, 1):.3f}", "distinct_2": f"{distinct_n(sub, 2):.3f}",
              "distinct_3": f"{distinct_n(sub, 3):.3f}", "self_bleu_3": f"{self_bleu(sub, 3):.3f}"}
