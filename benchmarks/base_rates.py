@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from fdiv_align.models import load_model
-from fdiv_align.sampling import sample
+from fdiv_align.lm.models import load_model
+from fdiv_align.lm.sampling import sample
 from fdiv_align.targets import get_task
 
 

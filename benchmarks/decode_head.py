@@ -4,7 +4,7 @@
 
 A decoding step multiplies a few hidden rows [B, d] by the whole head [V, d] (SmolLM2-135M: d = 576,
 V = 49152). Prints, per B, the median time (ms) of ``torch.nn.functional.linear`` and of
-``fdiv_align.logprobs._vocab_blocked_logits`` (what the sampler uses on CPU: HEAD_BLOCK_ROWS rows at a
+``fdiv_align.lm.logprobs._vocab_blocked_logits`` (what the sampler uses on CPU: HEAD_BLOCK_ROWS rows at a
 time into a reused buffer), their ratio, the largest difference between the two outputs, and the CPU.
 """
 
@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from fdiv_align.logprobs import HEAD_BLOCK_ROWS, _vocab_blocked_logits
-from fdiv_align.precision import cpu_name
+from fdiv_align.lm.logprobs import HEAD_BLOCK_ROWS, _vocab_blocked_logits
+from fdiv_align.lm.precision import cpu_name
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -46,8 +46,8 @@ def main():
     for rows in map(int, args.rows.split(",")):
         hidden = torch.randn(rows, args.hidden, generator=gen)
         buffers: dict = {}
-        plain = median_ms(lambda: torch.nn.functional.linear(hidden, weight), args.repeats)
-        blocked = median_ms(lambda: _vocab_blocked_logits(hidden, weight, buffers), args.repeats)
+        plain = median_ms(lambda h=hidden: torch.nn.functional.linear(h, weight), args.repeats)
+        blocked = median_ms(lambda h=hidden, b=buffers: _vocab_blocked_logits(h, weight, b), args.repeats)
         diff = (_vocab_blocked_logits(hidden, weight, buffers) - torch.nn.functional.linear(hidden, weight)).abs().max()
         print(f"| {rows} | {plain:.1f} | {blocked:.1f} | {blocked / plain:.2f} | {diff.item():.1e} |")
 

@@ -8,7 +8,7 @@ fp32 body with a plain bf16 head GEMM (output rounded to bf16); an fp32 body wit
 head of fdiv_align.kernels (output rounding relative to the target logit); and an fp64 product of the
 bf16-rounded inputs (input rounding alone). Prints the rms and max per-token error and the mean
 |error| of the sequence sums; then the bias of fp32 log-softmax implementations (torch's kernel and
-fdiv_align.sampling.log_softmax_fp32) on the same fp32 logits against fp64.
+fdiv_align.lm.sampling.log_softmax_fp32) on the same fp32 logits against fp64.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ import argparse
 import torch
 
 from fdiv_align.kernels import token_logprobs
-from fdiv_align.models import load_model
-from fdiv_align.logprobs import log_softmax_fp32
-from fdiv_align.sampling import _continuation_hidden, sample
+from fdiv_align.lm.models import load_model
+from fdiv_align.lm.logprobs import log_softmax_fp32
+from fdiv_align.lm.sampling import sample
+from fdiv_align.lm.scoring import _continuation_hidden
 
 
 def main():
@@ -67,7 +68,8 @@ def main():
         d = (lp - ref).masked_fill(~mask, 0.0)
         print(f"| {name} | {float(d[mask].pow(2).mean().sqrt()):.4f} | {float(d[mask].abs().max()):.4f} | "
               f"{float(d.sum(-1).abs().mean()):.4f} |")
-    print("\nfp32 log-softmax of the same fp32 logits against fp64 (per token):\n| implementation | mean error | max |error| |\n|---|---|---|")
+    print("\nfp32 log-softmax of the same fp32 logits against fp64 (per token):\n"
+          "| implementation | mean error | max |error| |\n|---|---|---|")
     for name, d in softmax_bias.items():
         print(f"| {name} | {float(d.mean()):+.2e} | {float(d.abs().max()):.2e} |")
 

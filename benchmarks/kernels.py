@@ -224,7 +224,8 @@ def write_table(results: Path, args):
             floor = f"{t[v] / t['matmul']:.2f}" if t.get("matmul") else "–"
             mem = f"{m[v]:.0f}" if m.get(v) is not None else "–"
             mratio = f"{mn / m[v]:.1f}" if (mn and m.get(v)) else "–"
-            lines.append(f"| {r['N']} | {r['H']} | {r['V']} | {r.get('repeats', 3)} | {v} | {t[v]:.3f} | {ratio} | {floor} | {mem} | {mratio} |")
+            lines.append(f"| {r['N']} | {r['H']} | {r['V']} | {r.get('repeats', 3)} | {v} | {t[v]:.3f} | {ratio} | {floor} "
+                         f"| {mem} | {mratio} |")
     table = "\n".join(lines) + "\n"
     print(table)
     out = Path(args.out or "docs/results/kernels.md")

@@ -21,8 +21,9 @@ def run_variant(name, samples, tokens):
     import torch
 
     from fdiv_align.config import from_dict
-    from fdiv_align.sampling import SamplingConfig, score
-    from fdiv_align.trainer import Trainer
+    from fdiv_align.lm.sampling import SamplingConfig
+    from fdiv_align.lm.scoring import score
+    from fdiv_align.training.trainer import Trainer
 
     cfg = from_dict({"model": {"name": "smollm2-135m", "lora": name != "full_finetune"},
                      "task": {"name": "sentiment", "max_new_tokens": tokens},
@@ -31,7 +32,7 @@ def run_variant(name, samples, tokens):
                      "logger": {"progress": False, "jsonl": False}})
 
     if name == "lora_separate_reference":  # what a 2-model setup holds: a separate copy of the base scores a(x)
-        from fdiv_align.policy import Policy
+        from fdiv_align.lm.policy import Policy
 
         separate = {}
 

@@ -7,7 +7,7 @@ Base model a: a 2-layer Llama (hidden 32) over 6 words + 4 special tokens (V = 1
 maximum likelihood on a seeded synthetic corpus (a first-order Markov chain over the words with
 Dirichlet(0.4) transitions); cached in --results/base.pt. Continuations have exactly T = 5 tokens
 (no EOS stop), so each context has V^T = 100,000 sequences, and Z, p and every metric are exact
-(:func:`fdiv_align.toy.enumerate_logprobs`, renormalised over the enumeration).
+(:func:`fdiv_align.testing.toy.enumerate_logprobs`, renormalised over the enumeration).
 
 Tasks (the paper's four families), with P(x|c) = a(x|c)·Φ(x, c):
   pointwise       Φ = [the word "cat" occurs ≥ 2 times]
@@ -18,7 +18,7 @@ Tasks (the paper's four families), with P(x|c) = a(x|c)·Φ(x, c):
                   (per-context Z; metrics averaged over the contexts, which the trainer draws uniformly)
 
 Every divergence (rkl, fkl, js, tv, alpha with α = 0.5, chi2) fine-tunes the whole policy (started at
-a) with the library's Trainer (fdiv_align.trainer.Trainer: on-policy, leave-one-out baseline, Adam,
+a) with the library's Trainer (fdiv_align.training.trainer.Trainer: on-policy, leave-one-out baseline, Adam,
 64 samples per step); rkl and chi2 are infinite where P = 0 and train towards p_ε with
 divergence.log_phi_floor = −10 on the two tasks with zeros. Each (task, divergence) uses the learning
 rate of LR_GRID whose run on seed LR_SEED (LR_BUDGET samples) ends with the lowest exact value of its
@@ -67,7 +67,7 @@ METRICS = ("kl_p_pi", "kl_pi_p", "js", "tv", "alpha", "chi2", "alignment", "entr
 
 def base_model(results: Path, words=WORDS, length=LENGTH, steps=400):
     """The trained base a (a LoadedModel), from results/base.pt or trained (seeded) and saved there."""
-    from fdiv_align.models import tiny_model
+    from fdiv_align.lm.models import tiny_model
 
     lm = tiny_model(seed=0, hidden_size=32, num_layers=2, words=list(words), logit_scale=1.0)
     path = results / "base.pt"
@@ -113,7 +113,7 @@ class ExactTask:
         from fdiv_align.targets import BooleanScorer, RewardScorer
         from fdiv_align.targets.distributional import fit_lambda
         from fdiv_align.targets.tasks import Task
-        from fdiv_align.toy import enumerate_logprobs
+        from fdiv_align.testing.toy import enumerate_logprobs
 
         V = len(lm.tokenizer)
         seqs = torch.tensor(list(__import__("itertools").product(range(V), repeat=length)))
@@ -160,8 +160,8 @@ class ExactTask:
 
     def exact_metrics(self, model, tokenizer, length: int = LENGTH) -> dict:
         """Every metric of the policy ``model``, exact, averaged over the contexts."""
-        from fdiv_align.divergences import exact_divergence
-        from fdiv_align.toy import enumerate_logprobs
+        from fdiv_align.objectives.divergences import exact_divergence
+        from fdiv_align.testing.toy import enumerate_logprobs
 
         acc = {m: 0.0 for m in METRICS}
         for i, c in enumerate(self.contexts):
@@ -179,8 +179,8 @@ class ExactTask:
 
     def objective(self, model, tokenizer, divergence: str, length: int = LENGTH) -> float:
         """D_f(π‖p_train), exact: the divergence the run minimised, towards the floored p_ε where it uses one."""
-        from fdiv_align.divergences import exact_divergence
-        from fdiv_align.toy import enumerate_logprobs
+        from fdiv_align.objectives.divergences import exact_divergence
+        from fdiv_align.testing.toy import enumerate_logprobs
 
         total = 0.0
         targets = self.log_p_floored if self.uses_floor(divergence) else self.log_p
@@ -199,19 +199,19 @@ class ExactTask:
         return out
 
     def uses_floor(self, divergence: str) -> bool:
-        from fdiv_align.divergences import get_divergence
+        from fdiv_align.objectives.divergences import get_divergence
 
         return self.has_zeros and not get_divergence(_divergence(divergence)).finite_where_target_is_zero
 
 
 def _alpha():
-    from fdiv_align.divergences import get_divergence
+    from fdiv_align.objectives.divergences import get_divergence
 
     return get_divergence("alpha", alpha=0.5)
 
 
 def _divergence(name: str):
-    from fdiv_align.divergences import get_divergence
+    from fdiv_align.objectives.divergences import get_divergence
 
     return get_divergence(name, **DIVERGENCES[name])
 
@@ -223,7 +223,7 @@ def run_cell(results: Path, task_name: str, divergence: str, seed: int, lr: floa
              words=WORDS, length: int = LENGTH, base_steps: int = 400) -> dict:
     """Train with the library's Trainer; exact metrics at each point of ``curve`` (samples seen)."""
     from fdiv_align.config import from_dict
-    from fdiv_align.trainer import Trainer
+    from fdiv_align.training.trainer import Trainer
 
     torch.set_num_threads(1)
     lm = base_model(results, words, length, base_steps)
@@ -312,8 +312,8 @@ def qrs_check(results: Path, task_name: str, n_accept: int = 10_000, words=WORDS
     samples are accepted, then Pearson's chi-square of their histogram against the exact p_β (and p),
     the acceptance count against the exact rate, and the exact TV(p, p_β) against its bound (first
     context)."""
-    from fdiv_align.qrs import chi_square_pvalue, qrs_accept, qrs_estimates, qrs_exact
-    from fdiv_align.sampling import sample
+    from fdiv_align.objectives.qrs import chi_square_pvalue, qrs_accept, qrs_estimates, qrs_exact
+    from fdiv_align.lm.sampling import sample
 
     torch.set_num_threads(1)
     lm = base_model(results, words, length, base_steps)
@@ -591,7 +591,8 @@ def _plots(runs, folder: Path):
             kl = [_mean_se([_at(r, b, "kl_pi_a") for r in rs])[0] for b in BUDGETS]
             ax2.plot(kl, al, marker="o", label=div)
         ax1.set(xlabel="samples seen", ylabel="KL(p‖π) (exact)", title=f"{task}: KL(p‖π), mean ± s.e.")
-        ax2.set(xlabel="KL(π‖a) (exact)", ylabel="alignment (exact)", title=f"{task}: alignment vs KL(π‖a) at {', '.join(map(str, BUDGETS))}")
+        ax2.set(xlabel="KL(π‖a) (exact)", ylabel="alignment (exact)",
+                title=f"{task}: alignment vs KL(π‖a) at {', '.join(map(str, BUDGETS))}")
         for ax in (ax1, ax2):
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
@@ -601,7 +602,7 @@ def _plots(runs, folder: Path):
 
 
 def _cpu() -> str:
-    from fdiv_align.precision import cpu_name
+    from fdiv_align.lm.precision import cpu_name
 
     return cpu_name()
 

@@ -57,7 +57,7 @@ def _stage(name: str, done: Path, cmd: list[str], times: dict, shown: str) -> No
 
 
 def _eval_draws(num_contexts: int):
-    """The trainer's evaluation design (fdiv_align/evaluation.py): contexts arange(M) mod C, uniforms from the seed."""
+    """The trainer's evaluation design (fdiv_align/training/evaluation.py): contexts arange(M) mod C, uniforms from the seed."""
     g = torch.Generator().manual_seed(EVAL_SEED)
     return torch.arange(EVAL_SAMPLES) % num_contexts, torch.rand((EVAL_SAMPLES, MAX_NEW_TOKENS), generator=g, dtype=torch.float64)
 
@@ -65,7 +65,7 @@ def _eval_draws(num_contexts: int):
 def _sample(model, tokenizer, ctx, U=None, generator=None) -> list[str]:
     """One continuation of PROMPTS[ctx[i]] per row, SAMPLE_BATCH rows per call: from the uniforms ``U``
     (common random numbers) or, without them, drawn from ``generator``."""
-    from fdiv_align.sampling import sample
+    from fdiv_align.lm.sampling import sample
 
     texts = []
     with torch.no_grad():
@@ -77,7 +77,7 @@ def _sample(model, tokenizer, ctx, U=None, generator=None) -> list[str]:
 
 
 def make_data(work: Path, times: dict) -> Path:
-    from fdiv_align.models import load_model
+    from fdiv_align.lm.models import load_model
     from fdiv_align.preferences import synthetic_preferences, write_preferences
     from fdiv_align.targets.scorers import VaderSentiment
 
@@ -107,8 +107,8 @@ def evaluate(work: Path) -> dict:
     """VADER and reward-model scores of base, f-DPG (their final evaluation samples) and f-DPO policies."""
     from peft import PeftModel
 
-    from fdiv_align.models import load_model
-    from fdiv_align.reward_model import load_reward_model
+    from fdiv_align.lm.models import load_model
+    from fdiv_align.targets.reward_model import load_reward_model
     from fdiv_align.targets.scorers import VaderSentiment
 
     cache = work / "evaluation.json"
@@ -185,7 +185,7 @@ def main(argv=None):
 def _hidden_reward_accuracy(pairs, training: dict) -> tuple[float, float]:
     """Pairwise accuracy (ties ½) ± binomial s.e. of VADER, the labels' hidden reward, on the reward
     model's held-out pairs (the same seeded split): what a perfect reward model would score."""
-    from fdiv_align.pair_training import pairwise_accuracy, split_pairs
+    from fdiv_align.preferences.pair_training import pairwise_accuracy, split_pairs
     from fdiv_align.targets.scorers import VaderSentiment
 
     _, held = split_pairs(pairs, training["eval_fraction"], training["seed"])
@@ -194,7 +194,7 @@ def _hidden_reward_accuracy(pairs, training: dict) -> tuple[float, float]:
 
 
 def report(work: Path, results: dict, times: dict) -> str:
-    from fdiv_align.precision import cpu_name
+    from fdiv_align.lm.precision import cpu_name
     from fdiv_align.preferences import load_preferences
 
     rm = json.loads((work / "rm" / "summary.json").read_text())

@@ -59,7 +59,7 @@ def vader():
 
 def ours_block(steps: int, precision: str, profile: bool = False):
     from fdiv_align.config import from_dict
-    from fdiv_align.trainer import Trainer
+    from fdiv_align.training.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as d:
         ctx = Path(d) / "contexts.txt"
@@ -99,7 +99,7 @@ def trl_block(steps: int, bf16: bool):
     from transformers import AutoTokenizer, TrainerCallback
     from trl import RLOOConfig, RLOOTrainer
 
-    from fdiv_align.models import embedded_model_dir
+    from fdiv_align.lm.models import embedded_model_dir
 
     model_dir = str(embedded_model_dir("smollm2-135m"))
     analyzer = vader()
@@ -203,17 +203,18 @@ def write_report(rows, peaks, args):
              "Where the time goes, before and after each speed-up, and what would close the rest: "
              "[step_time_profile.md](step_time_profile.md).", "",
              "| variant | median s/step | samples/s | timed steps | × TRL bf16 |", "|---|---|---|---|---|"]
-    for v, (med, n, extra) in rows.items():
+    for v, (med, n, _) in rows.items():
         ratio = f"{med / ref:.2f}" if ref else "–"
         lines.append(f"| {v} | {med:.2f} | {SAMPLES / med:.2f} | {n} | {ratio} |")
     lines.append("")
-    for v, (med, n, extra) in rows.items():
+    for v, (med, _, extra) in rows.items():
         if "flops" in extra:
             f = extra["flops"]["flops"]
             lines.append(f"- {v}: counted {f / 1e12:.2f} TFLOP per step (8·P·tokens, P = {extra['flops']['params_matmul'] / 1e6:.0f}M, "
                          f"{extra['flops']['tokens_per_pass']} tokens per pass) → MFU {f / med / peaks['bf16']:.1%} of the bf16 "
                          f"peak, {f / med / peaks['fp32']:.1%} of the fp32 peak. Step breakdown (median): sampling "
-                         f"{extra['breakdown']['seconds_sample']:.2f} s, reference scoring + rewards {extra['breakdown']['seconds_score']:.2f} s, "
+                         f"{extra['breakdown']['seconds_sample']:.2f} s, reference scoring + rewards "
+                         f"{extra['breakdown']['seconds_score']:.2f} s, "
                          f"policy forward/backward + optimiser {extra['breakdown']['seconds_update']:.2f} s.")
     profs = [(v, e["profile"]) for v, (_, _, e) in rows.items() if e.get("profile")]
     for v, prof in profs:

@@ -8,7 +8,7 @@ import argparse
 import torch
 
 from fdiv_align import get_divergence
-from fdiv_align.toy import ToyAR, exponential_problem, minimise, pointwise_problem
+from fdiv_align.testing.toy import ToyAR, exponential_problem, minimise, pointwise_problem
 
 
 def main():

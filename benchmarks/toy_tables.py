@@ -2,7 +2,7 @@
 
     python benchmarks/toy_tables.py [--seeds 0,1,2] [--steps 200] [--batch 32] [--out docs/results/toy_tables.md]
 
-Toy model: fdiv_align.toy.ToyAR (V = 3 tokens, T = 4, 81 sequences); base a = ToyAR(seed=1). Targets:
+Toy model: fdiv_align.testing.toy.ToyAR (V = 3 tokens, T = 4, 81 sequences); base a = ToyAR(seed=1). Targets:
   pointwise     P = a·b, b = [token 0 occurs ≥ 2 times]
   reward β=0.5  P = a·exp(r/β), r = number of token-1 occurrences
   reward β=2    the same reward, weaker target
@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from fdiv_align.targets import fit_lambda
-from fdiv_align.toy import ToyAR, ToyProblem, exponential_problem, minimise, pointwise_problem, reward_problem
+from fdiv_align.testing.toy import ToyAR, ToyProblem, exponential_problem, minimise, pointwise_problem, reward_problem
 
 DIVS = ["rkl", "fkl", "js", "tv"]
 MEASURES = ["fkl", "rkl", "js", "tv"]

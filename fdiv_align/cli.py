@@ -5,7 +5,7 @@ divergence=rkl,fkl,js,tv`` sweeps, one Hydra output directory per run holding it
 (.hydra/), metrics.jsonl, samples.jsonl, checkpoints/ and summary.json.
 ``fdiv-align-rm training.data=prefs.jsonl`` trains a reward model (conf/reward_model.yaml) and
 ``fdiv-align-po training.data=prefs.jsonl divergence=js`` runs offline f-DPO (conf/preference_opt.yaml),
-both through fdiv_align/pair_training.py.
+both through fdiv_align/preferences/pair_training.py.
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ def _config_dir() -> str:
     raise FileNotFoundError(f"no conf/config.yaml next to {here} (install the project with `pip install -e .`)")
 
 
-def _resume_command(out: str) -> str:
+def _resume_command(out: str, program: str = "fdiv-align") -> str:
     """The command that continues this run: the same overrides with ``output_dir`` pinned to its directory."""
     from hydra.core.hydra_config import HydraConfig
 
     overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("output_dir=")]
-    return " ".join(["fdiv-align", *overrides, f"output_dir={out}"])
+    return " ".join([program, *overrides, f"output_dir={out}"])
 
 
 def _remove_if_untouched(run_dir: Path) -> None:
@@ -61,7 +61,7 @@ def _run(cfg) -> dict:
     from hydra.types import RunMode
 
     from .config import from_dict, validate
-    from .interrupts import RunInterrupted, stop_requests
+    from .training.interrupts import RunInterrupted, stop_requests
 
     hc = HydraConfig.get()
     out = hc.runtime.output_dir
@@ -76,7 +76,7 @@ def _run(cfg) -> dict:
                                "must set hydra.run.dir from output_dir")
         validate(config)
         with stop_requests() as stops:
-            from .trainer import Trainer  # noqa: PLC0415 - heavy (transformers): after the config is known good
+            from .training.trainer import Trainer  # noqa: PLC0415 - heavy (transformers): after the config is known good
 
             with stops.abortable("model loading"):
                 trainer = Trainer(config, output_dir=out)
@@ -123,7 +123,7 @@ def _exit_by_signal(signum: int) -> None:
     sys.exit(128 + signum)
 
 
-def _pair_run(schema, runner, describe):
+def _pair_run(schema, runner, program: str, describe):
     """The Hydra task function of a pair-training entry point (``fdiv-align-rm`` / ``fdiv-align-po``)."""
 
     def run(cfg) -> dict:
@@ -134,6 +134,10 @@ def _pair_run(schema, runner, describe):
         out = HydraConfig.get().runtime.output_dir
         config = from_dict(_container(cfg), schema)
         summary = runner(config, out)
+        if summary["status"] == "interrupted":
+            print(f"[{describe(config)}] interrupted at step {summary['step']}; checkpoint saved in {out}/checkpoints. "
+                  f"To resume, run:\n  {_resume_command(out, program)}", file=sys.stderr, flush=True)
+            _exit_by_signal(summary["signal"])
         final, initial = summary["final"], summary["initial"]
         start = f"{initial['heldout_accuracy']:.3f} -> " if initial else ""
         print(f"[{describe(config)}] held-out pairwise accuracy {start}"
@@ -164,17 +168,17 @@ def main() -> None:
 def rm_main() -> None:
     """``fdiv-align-rm``: a Bradley–Terry reward model on preference pairs (conf/reward_model.yaml)."""
     from .config import RewardModelConfig
-    from .pair_training import run_reward_model
+    from .preferences.pair_training import run_reward_model
 
-    _hydra_main("reward_model", _pair_run(RewardModelConfig, run_reward_model, lambda c: "fdiv-align-rm"))
+    _hydra_main("reward_model", _pair_run(RewardModelConfig, run_reward_model, "fdiv-align-rm", lambda c: "fdiv-align-rm"))
 
 
 def po_main() -> None:
     """``fdiv-align-po``: offline f-DPO on preference pairs (conf/preference_opt.yaml)."""
     from .config import PreferenceOptConfig
-    from .pair_training import run_preference_opt
+    from .preferences.pair_training import run_preference_opt
 
-    _hydra_main("preference_opt", _pair_run(PreferenceOptConfig, run_preference_opt,
+    _hydra_main("preference_opt", _pair_run(PreferenceOptConfig, run_preference_opt, "fdiv-align-po",
                                             lambda c: f"fdiv-align-po {c.divergence.name} β={c.beta}"))
 
 

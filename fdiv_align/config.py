@@ -92,7 +92,7 @@ class ModelConfig:
     lora_dropout: float = 0.0
     lora_target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     gradient_checkpointing: bool = False
-    #: attention kernel: ``fdiv_grouped_eager`` (eager without repeat_kv copies, fdiv_align/attention.py) |
+    #: attention kernel: ``fdiv_grouped_eager`` (eager without repeat_kv copies, fdiv_align/lm/attention.py) |
     #: ``eager`` | ``sdpa`` | any name transformers accepts; null = ``fdiv_grouped_eager`` on CPU (eager is
     #: faster here than sdpa's flash kernel for these short sequences, see docs/results/step_time_profile.md), ``sdpa`` elsewhere
     attn_implementation: Optional[str] = None
@@ -162,7 +162,7 @@ class TrainerConfig:
     #: auto | fp32 | bf16: compute precision of the transformer body and output head (master weights
     #: stay fp32, log-space math fp64). auto = bf16 only where the device runs bf16 products natively
     #: (bf16 CUDA GPUs; CPUs with AVX-512 BF16/AMX and a measured bf16 GEMM faster than fp32), fp32
-    #: otherwise — fdiv_align/precision.py; the choice and its reason are printed and in summary.json.
+    #: otherwise — fdiv_align/lm/precision.py; the choice and its reason are printed and in summary.json.
     precision: Precision = Precision.auto
     #: under bf16: false = the output head's GEMMs in bf16 with fp32 logits (each row shifted inside
     #: the GEMM so that rounding is relative to the distance from its top/target logit; input rounding
@@ -219,7 +219,7 @@ class PairTrainingConfig:
 
 @dataclass
 class RewardModelConfig:
-    """``fdiv-align-rm``: a Bradley–Terry reward model (fdiv_align/reward_model.py) on preference pairs."""
+    """``fdiv-align-rm``: a Bradley–Terry reward model (fdiv_align/targets/reward_model.py) on preference pairs."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     training: PairTrainingConfig = field(default_factory=PairTrainingConfig)
@@ -229,7 +229,7 @@ class RewardModelConfig:
 
 @dataclass
 class PreferenceOptConfig:
-    """``fdiv-align-po``: offline f-DPO (fdiv_align/preference_loss.py) of the model on preference pairs."""
+    """``fdiv-align-po``: offline f-DPO (fdiv_align/objectives/preference_loss.py) of the model on preference pairs."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     divergence: DivergenceConfig = field(default_factory=lambda: DivergenceConfig(name="rkl"))
@@ -354,8 +354,10 @@ def validate_pairs(cfg: RewardModelConfig | PreferenceOptConfig) -> None:
         (_finite(t.weight_decay) and t.weight_decay >= 0, f"training.weight_decay must be ≥ 0, got {t.weight_decay!r}"),
         (t.max_grad_norm is None or (_finite(t.max_grad_norm) and t.max_grad_norm > 0),
          f"training.max_grad_norm must be null or > 0, got {t.max_grad_norm!r}"),
-        (isinstance(t.checkpoint_every, int) and t.checkpoint_every >= 0, f"training.checkpoint_every must be ≥ 0, got {t.checkpoint_every!r}"),
-        (isinstance(t.keep_checkpoints, int) and t.keep_checkpoints >= 1, f"training.keep_checkpoints must be ≥ 1, got {t.keep_checkpoints!r}"),
+        (isinstance(t.checkpoint_every, int) and t.checkpoint_every >= 0,
+         f"training.checkpoint_every must be ≥ 0, got {t.checkpoint_every!r}"),
+        (isinstance(t.keep_checkpoints, int) and t.keep_checkpoints >= 1,
+         f"training.keep_checkpoints must be ≥ 1, got {t.keep_checkpoints!r}"),
         (t.threads is None or t.threads >= 1, f"training.threads must be null or ≥ 1, got {t.threads!r}"),
     ]
     if isinstance(cfg, PreferenceOptConfig):

@@ -5,7 +5,8 @@
 Reads every run directory (a directory holding summary.json and metrics.jsonl) under the given
 paths. Per task: a "base" row (the untuned model: the step-0 evaluation, identical in every run of
 the task with the same eval_seed — a sweep may make it once, in a ``trainer.steps=0`` run, which
-gives no divergence row), a "target p" row (:func:`target_row`) and one row per divergence with the final evaluation's KL(p‖π), KL(π‖p), JS and TV
+gives no divergence row), a "target p" row (:func:`target_row`) and one row per divergence with the final
+evaluation's KL(p‖π), KL(π‖p), JS and TV
 estimates, alignment, KL(π‖a), Distinct-1/2/3, Self-BLEU-3 and entropy — mean ± standard error over
 seeds — and the seeds and settings that made the cell. Plots (one PNG per figure, per task):
 alignment and KL(p‖π) against samples seen, and alignment against KL(π‖a). The output depends only
@@ -116,13 +117,13 @@ TARGET_TEXTS = 256
 
 
 def target_row(runs: list[dict]) -> dict | None:
-    """The target p itself from the final evaluations of ``runs`` (fdiv_align/evaluation.py,
+    """The target p itself from the final evaluations of ``runs`` (fdiv_align/training/evaluation.py,
     ``target_p_record``): alignment = mean ± s.e. over the pooled QRS samples of every run; Distinct-n and
     Self-BLEU-3 of the first ``TARGET_TEXTS`` of them (runs in order); entropy H(p) and KL(p‖a) = the
     runs' IS estimates, mean ± s.e. over runs (each run's policy is a different proposal). None when no
     run has QRS samples. Returns {"cells": column key → text, "description": text, "alignment": pooled
     mean, "kl_a": mean KL(p‖a) estimate or None}."""
-    from .metrics import distinct_n, self_bleu
+    from .training.metrics import distinct_n, self_bleu
 
     have = [r for r in runs if r["summary"].get("final") and "qrs_samples" in r["summary"]["final"]]
     exact = [r for r in have if _floor(r) is None]  # runs with divergence.log_phi_floor aim at p_ε, not p
@@ -227,7 +228,8 @@ def plots(runs: list[dict], out_dir: Path) -> list[Path]:
                 for i, r in enumerate(sorted([r for r in rs if r["summary"]["divergence"] == div], key=lambda r: r["summary"]["seed"])):
                     pts = [(e["samples_seen"], e[key]) for e in r["evals"] if key in e and math.isfinite(e[key])]
                     if pts:
-                        ax.plot(*zip(*pts), marker="o", label=div if i == 0 else None, color=f"C{DIV_ORDER.index(div) if div in DIV_ORDER else 9}")
+                        color = f"C{DIV_ORDER.index(div) if div in DIV_ORDER else 9}"
+                        ax.plot(*zip(*pts), marker="o", label=div if i == 0 else None, color=color)
             written.append(_finish(fig, ax, "samples seen", ylabel, f"{task}: {ylabel} during training",
                                    out_dir / f"{task}_{key}_curve.png"))
         fig, ax = plt.subplots(figsize=(6, 4))

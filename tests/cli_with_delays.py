@@ -1,14 +1,15 @@
 """Runs the ``fdiv-align`` CLI with one phase slowed down, so that signal tests can hit that phase.
 
 ``FDIV_TEST_DELAY=<phase>:<seconds>``, phase ∈ load (model loading), sample (every sampling call of
-a training step after step 2 — the sampling of step 3 —, not the evaluations), update (every policy_loss call after step 1). ``READY <phase>`` is
+a training step after step 2 — the sampling of step 3 —, not the evaluations), update (every policy_loss call after step 1).
+``READY <phase>`` is
 printed on stderr when the delay starts. Everything else is the real CLI."""
 
 import os
 import sys
 import time
 
-from fdiv_align import trainer as T
+from fdiv_align.training import trainer as T
 from fdiv_align.cli import main
 
 phase, _, seconds = os.environ.get("FDIV_TEST_DELAY", ":0").partition(":")

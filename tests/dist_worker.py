@@ -8,7 +8,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from trainer_helpers import tiny_cfg  # noqa: E402
 
-from fdiv_align.trainer import Trainer  # noqa: E402
+from fdiv_align.training.trainer import Trainer  # noqa: E402
 
 out = sys.argv[1]
 cfg = tiny_cfg(trainer={"steps": 4, "samples_per_step": 8, "micro_batch_size": 4, "eval_every": 2, "checkpoint_every": 0,

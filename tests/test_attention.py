@@ -1,4 +1,4 @@
-"""Grouped eager attention (fdiv_align/attention.py) computes transformers' eager attention: the
+"""Grouped eager attention (fdiv_align/lm/attention.py) computes transformers' eager attention: the
 same logits for left-padded batches, with and without a KV cache (decoding), in fp32 to round-off
 and under bf16 autocast no further from the fp32 result than eager itself."""
 
@@ -6,8 +6,8 @@ import copy
 
 import torch
 
-from fdiv_align.attention import GROUPED_EAGER, grouped_eager_attention, register_grouped_eager
-from fdiv_align.models import tiny_model
+from fdiv_align.lm.attention import GROUPED_EAGER, grouped_eager_attention, register_grouped_eager
+from fdiv_align.lm.models import tiny_model
 
 
 def _models(seed=4):

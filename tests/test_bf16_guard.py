@@ -15,10 +15,12 @@ import torch
 from trainer_helpers import tiny_cfg
 
 from fdiv_align import f_dpg_loss
-from fdiv_align.models import tiny_model
-from fdiv_align.logprobs import LogProbBackend
-from fdiv_align.sampling import sample
-from fdiv_align.trainer import Trainer
+from fdiv_align.lm.models import tiny_model
+import dataclasses
+
+from fdiv_align.lm.precision import PLAIN
+from fdiv_align.lm.sampling import sample
+from fdiv_align.training.trainer import Trainer
 
 LIPSCHITZ = {"rkl": 1.0, "js": 0.5}
 
@@ -59,7 +61,7 @@ def test_adapter_input_cast_skip_is_exact(tmp_path):
     same policy log-probs and the same adapter gradients as with PEFT's cast."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from fdiv_align.fast_lora import uninstall_fast_lora_forward
+    from fdiv_align.lm.fast_lora import uninstall_fast_lora_forward
 
     cfg = tiny_cfg(trainer={"precision": "bf16"}, model={"lora": True, "lora_r": 4})
     tr = Trainer(cfg, lm=tiny_model(seed=5), output_dir=tmp_path)
@@ -67,7 +69,7 @@ def test_adapter_input_cast_skip_is_exact(tmp_path):
         for name, p in tr.policy.trainable.items():
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
     batch = sample(tr.policy.model, tr.policy.tokenizer, ["", "the cat"], 4, 6, generator=torch.Generator().manual_seed(1),
-                   backend=LogProbBackend(autocast_dtype=torch.bfloat16))
+                   plan=dataclasses.replace(PLAIN, precision="bf16"))  # bf16 body, fp32 head
     layers = [m for m in tr.policy.model.modules() if isinstance(m, BaseTunerLayer)]
     assert layers and not any(m.cast_input_dtype_enabled for m in layers)
     uninstall_fast_lora_forward(tr.policy.model)  # PEFT's own forward (the path that casts) for this check

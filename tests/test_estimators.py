@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from fdiv_align import LogZAccumulator, estimate_divergences, get_divergence
-from fdiv_align.estimators import estimate_f_divergence
-from fdiv_align.estimators import LeaveOneOutBaseline, MovingAverageBaseline
-from fdiv_align.toy import ToyAR, exponential_problem, pointwise_problem
+from fdiv_align.objectives.estimators import estimate_f_divergence
+from fdiv_align.objectives.estimators import LeaveOneOutBaseline, MovingAverageBaseline
+from fdiv_align.testing.toy import ToyAR, exponential_problem, pointwise_problem
 
 
 @pytest.fixture(scope="module")

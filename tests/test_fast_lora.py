@@ -6,8 +6,8 @@ import copy
 import pytest
 import torch
 
-from fdiv_align.fast_lora import install_fast_lora_forward, uninstall_fast_lora_forward
-from fdiv_align.models import tiny_model
+from fdiv_align.lm.fast_lora import install_fast_lora_forward, uninstall_fast_lora_forward
+from fdiv_align.lm.models import tiny_model
 
 
 def lora_model(dropout=0.0, seed=0):

@@ -11,8 +11,8 @@ import torch
 from test_kernels import BUDGETS, SHAPES, grads_of, make, ours, ref
 from trainer_helpers import tiny_cfg
 
-from fdiv_align.models import tiny_model
-from fdiv_align.trainer import Trainer
+from fdiv_align.lm.models import tiny_model
+from fdiv_align.training.trainer import Trainer
 
 pytestmark = pytest.mark.gpu
 
@@ -60,7 +60,7 @@ def test_cuda_trainer_reproduces_cpu_first_step(tmp_path, lora):
         tr = Trainer(cfg, lm=tiny_model(seed=3), output_dir=tmp_path / device)
         assert {p.device.type for p in tr.policy.model.parameters()} == {device}
         recs = []
-        tr.callbacks.append(lambda t, s, r: recs.append(r))
+        tr.callbacks.append(lambda t, s, r, recs=recs: recs.append(r))
         tr.train()
         records[device] = (recs[0], {n: p.detach().cpu() for n, p in tr.policy.trainable.items()})
     (cpu, cpu_params), (gpu, gpu_params) = records["cpu"], records["cuda"]
@@ -75,7 +75,7 @@ def test_cuda_bf16_run_and_resume(tmp_path):
                    trainer={"steps": 4, "precision": "bf16", "checkpoint_every": 2, "eval_every": 2})
     first = Trainer(cfg, lm=tiny_model(seed=3), output_dir=tmp_path)
     summary = first.train()
-    assert first.head_dtype == torch.bfloat16 and summary["steps"] == 4
+    assert first.plan.head_dtype == torch.bfloat16 and summary["steps"] == 4
     cfg.trainer.steps = 6
     resumed = Trainer(cfg, lm=tiny_model(seed=3), output_dir=tmp_path)
     assert next(resumed.model.parameters()).is_cuda

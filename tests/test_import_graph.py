@@ -1,5 +1,6 @@
-"""The package's import graph (every import, at module level or inside a function) has no cycle, and
-the kernels import nothing else of the package (they stand alone, like Liger's)."""
+"""The package's import graph (every import, at module level or inside a function) has no cycle, the
+sub-packages import only their own layer and the layers below it (docs/design.md, "Layers"), and the
+kernels import nothing else of the package (they stand alone, like Liger's)."""
 
 import ast
 from pathlib import Path
@@ -68,3 +69,52 @@ def test_kernels_import_nothing_else_of_the_package():
     outside = {m: sorted(t for t in deps if not t.startswith("fdiv_align.kernels"))
                for m, deps in graph.items() if m.startswith("fdiv_align.kernels")}
     assert not any(outside.values()), outside
+
+
+#: bottom to top; a module may import its own layer and the layers below, never one above
+LAYERS = [
+    ("fdiv_align.kernels", "fdiv_align.config", "fdiv_align.files", "fdiv_align.registry"),
+    ("fdiv_align.objectives",),
+    ("fdiv_align.lm",),
+    ("fdiv_align.targets",),
+    ("fdiv_align.training",),
+    ("fdiv_align.preferences",),
+    ("fdiv_align.testing", "fdiv_align.integrations", "fdiv_align.report", "fdiv_align.cli", "fdiv_align.__main__",
+     "fdiv_align"),
+]
+
+
+def layer_of(module: str) -> int:
+    """The layer of ``module``: the one whose longest listed prefix it falls under."""
+    best = None
+    for i, prefixes in enumerate(LAYERS):
+        for p in prefixes:
+            if module == p or module.startswith(p + "."):
+                if best is None or len(p) > best[1]:
+                    best = (i, len(p))
+    if best is None:
+        raise AssertionError(f"{module} is in no layer: add it to LAYERS (and docs/design.md)")
+    return best[0]
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{m} (layer {layer_of(m)}) → {t} (layer {layer_of(t)})"
+                  for m, deps in graph.items() for t in deps if layer_of(t) > layer_of(m))
+
+
+def test_every_import_goes_down_the_layers():
+    upward = upward_imports(import_graph())
+    assert not upward, "imports against the layers:\n" + "\n".join(upward)
+
+
+def test_objectives_stand_on_their_own():
+    graph = import_graph()
+    outside = {m: sorted(t for t in deps if not t.startswith(("fdiv_align.objectives", "fdiv_align.registry")))
+               for m, deps in graph.items() if m.startswith("fdiv_align.objectives")}
+    assert not any(outside.values()), outside
+
+
+def test_the_layer_check_reports_an_upward_import():
+    graph = {"fdiv_align.lm.policy": {"fdiv_align.targets.target", "fdiv_align.lm.models"},
+             "fdiv_align.training.trainer": {"fdiv_align.lm.policy"}}
+    assert upward_imports(graph) == ["fdiv_align.lm.policy (layer 2) → fdiv_align.targets.target (layer 3)"]

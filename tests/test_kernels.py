@@ -10,7 +10,7 @@ from fdiv_align.kernels import (
     token_logprobs,
     weighted_token_logprob_sum,
 )
-from fdiv_align.sampling import SamplingConfig, transformed_logprobs
+from fdiv_align.lm.sampling import SamplingConfig, transformed_logprobs
 
 SHAPES = [  # (N, H, V, chunk, vocab tile): N not a multiple of the chunk, V not a multiple of the tile, N = 1, single chunk/tile
     (37, 16, 101, 8, 32),
@@ -162,7 +162,7 @@ def test_weighted_sum_matches_reference():
 
 
 def test_peft_wrapped_head_is_refused():
-    from fdiv_align.logprobs import plain_linear_head
+    from fdiv_align.lm.logprobs import plain_linear_head
 
     class Wrapped(torch.nn.Module):
         def __init__(self):

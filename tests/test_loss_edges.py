@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fdiv_align import FDivergenceLoss, LogZAccumulator, f_dpg_loss, get_divergence
-from fdiv_align.estimators import get_baseline
+from fdiv_align.objectives.estimators import get_baseline
 
 ALL = ["fkl", "rkl", "js", "tv", "chi2", ("alpha", 0.5), ("alpha", 2.0)]
 

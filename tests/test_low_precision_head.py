@@ -96,13 +96,13 @@ def test_low_precision_weight_cache_follows_updates_and_autograd():
 def test_trainer_head_dtype_follows_config(tmp_path, fp32_head, expected):
     from trainer_helpers import tiny_cfg
 
-    from fdiv_align.models import tiny_model
-    from fdiv_align.trainer import Trainer
+    from fdiv_align.lm.models import tiny_model
+    from fdiv_align.training.trainer import Trainer
 
     tr = Trainer(tiny_cfg(trainer={"precision": "bf16", "fp32_head": fp32_head}), lm=tiny_model(seed=5),
                  output_dir=tmp_path / "a")
-    assert tr.policy.head_dtype == expected
-    assert Trainer(tiny_cfg(), lm=tiny_model(seed=5), output_dir=tmp_path / "b").policy.head_dtype is None  # fp32 precision: fp32 head
+    assert tr.plan.head_dtype == expected
+    assert Trainer(tiny_cfg(), lm=tiny_model(seed=5), output_dir=tmp_path / "b").plan.head_dtype is None  # fp32 precision: fp32 head
     with pytest.raises(ValueError, match="fp32_head must be true or false, got 'yes'"):
         Trainer(tiny_cfg(trainer={"fp32_head": "yes"}), lm=tiny_model(seed=5), output_dir=tmp_path / "c")
 
@@ -111,7 +111,7 @@ def test_vocab_blocked_decoding_head_is_the_fp32_product_within_its_rounding_bou
     """The CPU decoding head (blocks of HEAD_BLOCK_ROWS vocabulary rows into a reused buffer) against the
     fp64 product: every logit within the fp32 dot-product bound d·2⁻²⁴·Σ|h_k w_k|; a vocabulary that is
     not a multiple of the block (last block short) and a buffer reused across shapes."""
-    from fdiv_align.logprobs import HEAD_BLOCK_ROWS, _vocab_blocked_logits, head_logits
+    from fdiv_align.lm.logprobs import HEAD_BLOCK_ROWS, _vocab_blocked_logits, head_logits
 
     gen = torch.Generator().manual_seed(3)
     V, d = 2 * HEAD_BLOCK_ROWS + 77, 48

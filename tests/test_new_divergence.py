@@ -7,10 +7,11 @@ import pytest
 import torch
 from trainer_helpers import toy_task
 
-from fdiv_align import Divergence, available_divergences, divergences, exact_divergence, register_divergence
+from fdiv_align import Divergence, available_divergences, exact_divergence, register_divergence
+from fdiv_align.objectives import divergences
 from fdiv_align.config import from_dict
-from fdiv_align.toy import enumerable_lm, enumeration_batch, exact_trainer_divergences
-from fdiv_align.trainer import Trainer
+from fdiv_align.testing.toy import enumerable_lm, enumeration_batch, exact_trainer_divergences
+from fdiv_align.training.trainer import Trainer
 
 
 class SquaredHellinger(Divergence):
@@ -33,7 +34,7 @@ class SquaredHellinger(Divergence):
 def hellinger(monkeypatch):
     """``register_divergence("hellinger_test")`` as a user module would, on a copy of the registry that
     this test module's tests alone see."""
-    monkeypatch.setattr(divergences, "_REGISTRY", dict(divergences._REGISTRY))
+    monkeypatch.setattr(divergences, "_REGISTRY", divergences._REGISTRY.copy())
     register_divergence("hellinger_test")(SquaredHellinger)
 
 

@@ -15,8 +15,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import paper_exact as pe  # noqa: E402
 
-from fdiv_align.sampling import score  # noqa: E402
-from fdiv_align.toy import enumerable_lm, enumerate_logprobs, enumeration_batch  # noqa: E402
+from fdiv_align.lm.scoring import score  # noqa: E402
+from fdiv_align.testing.toy import enumerable_lm, enumerate_logprobs, enumeration_batch  # noqa: E402
 
 WORDS = ["red", "blue", "cat", "dog", "runs"]
 LENGTH = 3
@@ -98,7 +98,7 @@ def test_a_cell_trains_with_the_library_trainer_and_lowers_the_exact_divergence(
     results, _ = small
     row = pe.run_cell(results, "pointwise", "js", seed=0, lr=1e-2, budget=640, curve=(0, 320, 640),
                       words=WORDS, length=LENGTH)
-    assert row["trainer"] == "fdiv_align.trainer.Trainer"
+    assert row["trainer"] == "fdiv_align.training.trainer.Trainer"
     assert [c["point"] for c in row["curve"]] == [0, 320, 640] and row["curve"][-1]["samples"] == 640
     first, last = row["curve"][0], row["curve"][-1]
     assert last["js"] < 0.8 * first["js"] and last["alignment"] > first["alignment"]

@@ -9,9 +9,9 @@ import pytest
 import torch
 from trainer_helpers import tiny_cfg
 
-from fdiv_align import precision
-from fdiv_align.models import tiny_model
-from fdiv_align.trainer import Trainer
+from fdiv_align.lm import precision
+from fdiv_align.lm.models import tiny_model
+from fdiv_align.training.trainer import Trainer
 
 
 def _run(tmp_path, capsys, **trainer):
@@ -40,7 +40,7 @@ def test_auto_outcomes_end_to_end(tmp_path, capsys, monkeypatch, features, speed
     assert tr.plan.precision == expected and summary["compute"]["precision"] == expected
     assert json.loads((tmp_path / "summary.json").read_text())["compute"]["precision"] == expected
     want = torch.bfloat16 if expected == "bf16" else None
-    assert tr.policy.autocast_dtype == want and tr.policy.head_dtype == want
+    assert tr.plan.autocast_dtype == want and tr.plan.head_dtype == want
     frozen = {p.dtype for n, p in tr.policy.model.named_parameters() if "base_layer" in n and not p.requires_grad}
     assert frozen == {torch.bfloat16 if expected == "bf16" else torch.float32}  # the LoRA fast path followed
     assert f"precision {expected}" in err and "auto:" in err  # the choice and its reason, said at start

@@ -1,4 +1,4 @@
-"""f-DPO (fdiv_align/preference_loss.py): DPO exactly for rkl; the population minimiser is the analytic
+"""f-DPO (fdiv_align/objectives/preference_loss.py): DPO exactly for rkl; the population minimiser is the analytic
 optimum π = π_ref · (f′)⁻¹((r + c)/β) for every valid divergence; invalid divergences are refused."""
 
 import math
@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fdiv_align.divergences import get_divergence
-from fdiv_align.preference_loss import check_f_dpo_divergence, f_dpo_loss
+from fdiv_align.objectives.divergences import get_divergence
+from fdiv_align.objectives.preference_loss import check_f_dpo_divergence, f_dpo_loss
 
 VALID = [("rkl", {}), ("fkl", {}), ("js", {}), ("alpha", {"alpha": 0.5}), ("alpha", {"alpha": 1.0})]
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fdiv_align.preference_loss import bradley_terry_loss
+from fdiv_align.objectives.preference_loss import bradley_terry_loss
 from fdiv_align.preferences import (PreferenceDataError, PreferencePair, load_preferences, synthetic_preferences,
                                     write_preferences)
 

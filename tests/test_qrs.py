@@ -1,4 +1,4 @@
-"""Quasi-rejection sampling (fdiv_align/qrs.py) against enumeration on the toy model.
+"""Quasi-rejection sampling (fdiv_align/objectives/qrs.py) against enumeration on the toy model.
 
 Exact: p_β = min(P, βq)/Z_β, A_β = Z_β/β, TV(p, p_β) ≤ 1 − Z_β/Z, and p_β = p once β ≥ max P/q.
 Sampled: 200,000 proposal draws; the accepted samples' histogram against the exact p_β by a chi-square
@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
-from fdiv_align.qrs import chi_square_pvalue, choose_log_beta, qrs_accept, qrs_estimates, qrs_exact
-from fdiv_align.toy import ToyAR, pointwise_problem, reward_problem
+from fdiv_align.objectives.qrs import chi_square_pvalue, choose_log_beta, qrs_accept, qrs_estimates, qrs_exact
+from fdiv_align.testing.toy import ToyAR, pointwise_problem, reward_problem
 
 
 def _problem():
@@ -96,12 +96,12 @@ def test_a_proposal_that_misses_the_support_is_refused():
 
 
 def test_evaluation_target_p_record_estimates_p_and_samples_it():
-    """``fdiv_align.evaluation.target_p_record`` on 20,000 proposal draws of the toy reward problem (two
+    """``fdiv_align.training.evaluation.target_p_record`` on 20,000 proposal draws of the toy reward problem (two
     contexts: the problem itself, and one whose P is 0 everywhere). IS estimates of E_p[alignment], H(p)
     and KL(p‖a) within 4 of their standard errors of the exact values; the QRS samples (β from the pilot
     half, which covers all 81 sequences, so p_β = p) pass a chi-square test against p, and the number
     accepted is within 4 binomial s.e. of (n/2)·A_β; the empty context has no pilot and proposes nothing."""
-    from fdiv_align.evaluation import target_p_record
+    from fdiv_align.training.evaluation import target_p_record
 
     problem, proposal = _problem()
     gen = torch.Generator().manual_seed(3)

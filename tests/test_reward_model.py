@@ -1,4 +1,4 @@
-"""Reward models and offline f-DPO on preference pairs (fdiv_align/reward_model.py, pair_training.py).
+"""Reward models and offline f-DPO on preference pairs (fdiv_align/targets/reward_model.py, pair_training.py).
 
 A tiny Llama (built in code) learns a known preference — responses with more "good" than "bad" words
 win, Bradley–Terry labels at temperature 0.25 — and must beat chance on held-out pairs by more than 3
@@ -8,17 +8,19 @@ clearly and leave nothing half-written.
 """
 
 import json
+import os
+import signal
 
 import pytest
 import torch
 
 from fdiv_align.config import ModelConfig, PairTrainingConfig, PreferenceOptConfig, RewardModelConfig
-from fdiv_align.models import TINY_WORDS, tiny_model
-from fdiv_align.pair_training import run_preference_opt, run_reward_model, split_pairs
+from fdiv_align.lm.models import TINY_WORDS, tiny_model
+from fdiv_align.preferences.pair_training import run_preference_opt, run_reward_model, split_pairs
 from fdiv_align.preferences import load_preferences, synthetic_preferences, write_preferences
-from fdiv_align.reward_model import RewardModel, RewardModelError, load_reward_model, save_reward_model
+from fdiv_align.targets.reward_model import RewardModel, RewardModelError, load_reward_model, save_reward_model
 from fdiv_align.targets.tasks import get_task
-from fdiv_align.trainer import Trainer
+from fdiv_align.training.trainer import Trainer
 from trainer_helpers import tiny_cfg
 
 WORDS = [w for w in TINY_WORDS if w not in ("(", ")", ":", ",", ".")]
@@ -95,6 +97,33 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(prefs, tmp_path):
     assert steps == sorted(set(steps))  # every step logged once
 
 
+def test_a_stop_signal_finishes_the_step_saves_and_the_rerun_equals_the_uninterrupted_run(prefs, tmp_path, monkeypatch):
+    """SIGTERM during pair training, as in the f-DPG trainer: the step in flight completes, a checkpoint is
+    written, the summary says interrupted; rerunning in the same directory gives the uninterrupted run."""
+    from fdiv_align.preferences.pair_training import RewardModelObjective
+
+    straight = run_reward_model(_rm_cfg(prefs, epochs=1, eval_at_start=False), tmp_path / "a")
+    calls = {"train": 0}
+    forward = RewardModelObjective.__call__
+
+    def signal_at_step_3(self, pairs):
+        if self.rm.training:
+            calls["train"] += 1
+            if calls["train"] == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return forward(self, pairs)
+
+    monkeypatch.setattr(RewardModelObjective, "__call__", signal_at_step_3)
+    stopped = run_reward_model(_rm_cfg(prefs, epochs=1, eval_at_start=False), tmp_path / "b")
+    assert stopped["status"] == "interrupted" and stopped["step"] == 3 and stopped["saved"]
+    assert stopped["signal"] == signal.SIGTERM and not (tmp_path / "b" / "reward_model.pt").exists()
+    monkeypatch.setattr(RewardModelObjective, "__call__", forward)
+    resumed = run_reward_model(_rm_cfg(prefs, epochs=1, eval_at_start=False), tmp_path / "b")
+    assert resumed["status"] == "finished" and resumed["steps"] == straight["steps"]
+    a, b = (torch.load(p / "reward_model.pt", weights_only=False) for p in (tmp_path / "a", tmp_path / "b"))
+    assert all(torch.equal(a["body"][k], b["body"][k]) for k in a["body"]) and torch.equal(a["head"]["weight"], b["head"]["weight"])
+
+
 def test_bad_inputs_fail_clearly_and_leave_nothing_half_written(prefs, tmp_path):
     lm = tiny_model()
     lm.tokenizer.pad_token = None
@@ -162,8 +191,8 @@ def test_last_token_hidden_is_the_unpadded_rows_last_state():
     """The reward model reads h at the last token of [BOS] + context + continuation (+ EOS); in a batch with
     left-padded prompts and right-padded continuations of different lengths it must equal the state from
     running each row alone, without padding (positions from the attention mask, as in sampling)."""
-    from fdiv_align.batch import make_batch
-    from fdiv_align.sampling import backbone_and_head, last_token_hidden
+    from fdiv_align.lm.batch import make_batch
+    from fdiv_align.lm.scoring import backbone_and_head, last_token_hidden
 
     lm = tiny_model(seed=3)
     contexts, texts = ["the cat", "", "she is very happy and"], ["is good", "bad", "he was not sad at all"]

@@ -6,8 +6,8 @@ import torch
 from tolerances import assert_close64
 
 from fdiv_align import f_dpg_loss, get_divergence
-from fdiv_align.estimators import LeaveOneOutBaseline
-from fdiv_align.toy import ToyAR, exponential_problem, minimise, pointwise_problem, reward_problem
+from fdiv_align.objectives.estimators import LeaveOneOutBaseline
+from fdiv_align.testing.toy import ToyAR, exponential_problem, minimise, pointwise_problem, reward_problem
 
 
 def toy_reward(x):

@@ -15,13 +15,13 @@ import torch
 from trainer_helpers import tiny_cfg
 
 import fdiv_align
-from fdiv_align.checkpoint import CorruptCheckpointsError, list_checkpoints
-from fdiv_align.models import tiny_model
+from fdiv_align.training.checkpoint import CorruptCheckpointsError, list_checkpoints
+from fdiv_align.lm.models import tiny_model
 from fdiv_align.report import NOISE_NOTE, tables
 from fdiv_align.targets import BooleanScorer, ProbabilityScorer, RewardScorer, Task
 from fdiv_align.targets.scorers import ScorerError
-from fdiv_align.run import progress_postfix
-from fdiv_align.trainer import NonFiniteGradientError, Trainer
+from fdiv_align.training.trainer import progress_postfix
+from fdiv_align.training.trainer import NonFiniteGradientError, Trainer
 
 HERE = Path(__file__).parent
 SMOKE = ["model=tiny", "trainer=smoke", "task=amazing", "logger.progress=false", "model.device=cpu", "trainer.compile=false"]
@@ -52,7 +52,7 @@ def _finish(proc, timeout: float) -> tuple[int, str]:
         _, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
-        raise AssertionError(f"did not exit within {timeout} s of the signal")
+        raise AssertionError(f"did not exit within {timeout} s of the signal") from None
     return proc.returncode, err
 
 

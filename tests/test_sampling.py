@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from fdiv_align.models import tiny_model
-from fdiv_align.sampling import SamplingConfig, make_batch, sample, score, transformed_logprobs
+from fdiv_align.lm.models import tiny_model
+from fdiv_align.lm.sampling import SamplingConfig, make_batch, sample, transformed_logprobs
+from fdiv_align.lm.scoring import score
 
 CONTEXTS = ["", "the cat is", "she was very happy and the dog"]  # different lengths → left padding
 CONFIGS = [SamplingConfig(), SamplingConfig(temperature=0.7), SamplingConfig(top_k=8),
@@ -101,7 +102,7 @@ def test_two_level_draw_is_the_inverse_cdf(V):
     """_draw (block sums, then one block) picks the same token as one fp64 cumulative sum over the
     row, for u anywhere in [0, 1) — block boundaries included — up to fp32 block-sum rounding, and
     never a zero-mass token."""
-    from fdiv_align.sampling import DRAW_BLOCK, _draw
+    from fdiv_align.lm.sampling import DRAW_BLOCK, _draw
 
     g = torch.Generator().manual_seed(V)
     B = 64

@@ -9,15 +9,16 @@ import sys
 import pytest
 import torch
 
-from fdiv_align.models import load_model
-from fdiv_align.sampling import SamplingConfig, sample, score
+from fdiv_align.lm.models import load_model
+from fdiv_align.lm.sampling import SamplingConfig, sample
+from fdiv_align.lm.scoring import score
 
 LOAD_SNIPPET = """
 import time, os
 t = time.perf_counter()
 import torch
-from fdiv_align.models import load_model
-from fdiv_align.sampling import sample
+from fdiv_align.lm.models import load_model
+from fdiv_align.lm.sampling import sample
 rng = torch.get_rng_state()
 lm = load_model("smollm2-135m")
 # materialising (first load) builds a randomly initialised model: the caller's random state must not move
@@ -88,7 +89,7 @@ def test_missing_model_errors():
 @pytest.mark.slow  # ~5 min here: bitsandbytes' CPU 4-bit matmul falls back to a slow path without the `kernels` hub package
 def test_4bit_base_with_lora_trains(tmp_path):
     from fdiv_align.config import from_dict
-    from fdiv_align.trainer import Trainer
+    from fdiv_align.training.trainer import Trainer
 
     cfg = from_dict({"model": {"name": "smollm2-135m", "quantization": "4bit", "lora_r": 4},
                      "task": {"name": "sentiment", "max_new_tokens": 8},

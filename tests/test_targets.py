@@ -5,13 +5,13 @@ import math
 import pytest
 import torch
 
-from fdiv_align.models import tiny_model
-from fdiv_align.sampling import sample
+from fdiv_align.lm.models import tiny_model
+from fdiv_align.lm.sampling import sample
 from fdiv_align.targets import (AnyWord, BaseLM, BooleanScorer, CompilesAsPython, DistributionalConstraint,
                                 InfeasibleConstraintError, ProbabilityScorer, RegexMatch, RewardScorer, ScorerError,
                                 VaderSentiment, WordPresent, fit_lambda, get_task, load_contexts)
 from fdiv_align.targets.tasks import female_feature, science_words, stdlib_signatures
-from fdiv_align.toy import ToyAR
+from fdiv_align.testing.toy import ToyAR
 
 NEG = -math.inf
 

@@ -10,11 +10,11 @@ import sys
 import pytest
 import torch
 
-from fdiv_align.checkpoint import load_latest, save_checkpoint
+from fdiv_align.training.checkpoint import load_latest, save_checkpoint
 from fdiv_align.config import from_dict, validate
-from fdiv_align.models import tiny_model
-from fdiv_align.toy import enumerable_lm, enumeration_batch, exact_trainer_divergences
-from fdiv_align.trainer import Trainer
+from fdiv_align.lm.models import tiny_model
+from fdiv_align.testing.toy import enumerable_lm, enumeration_batch, exact_trainer_divergences
+from fdiv_align.training.trainer import Trainer
 from trainer_helpers import tiny_cfg, toy_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -169,7 +169,7 @@ def test_lora_uses_base_with_adapters_disabled(tmp_path):
     ref = tiny_model(seed=0)
     batch = tr._sample(torch.zeros(4, dtype=torch.long), torch.rand(4, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
     tr.train()
-    from fdiv_align.sampling import score
+    from fdiv_align.lm.scoring import score
 
     with torch.no_grad():
         expected = score(ref.model, batch, pad_id=ref.tokenizer.pad_token_id)[1].double()
@@ -239,7 +239,7 @@ import sys, json
 sys.path.insert(0, {tests!r})
 import torch
 from trainer_helpers import tiny_cfg
-from fdiv_align.trainer import Trainer
+from fdiv_align.training.trainer import Trainer
 cfg = tiny_cfg(trainer={{"steps": 20, "samples_per_step": 6, "micro_batch_size": 6, "eval_every": 0,
                         "checkpoint_every": 0, "compile": True}}, task={{"max_new_tokens": 4}})
 tr = Trainer(cfg, output_dir={out!r})
@@ -290,7 +290,7 @@ def test_two_processes_equal_one(tmp_path):
 
 
 def test_model_device_is_resolved_and_checked(tmp_path):
-    from fdiv_align.models import resolve_device
+    from fdiv_align.lm.models import resolve_device
 
     assert resolve_device(None) == torch.device("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_device("cpu") == torch.device("cpu")

@@ -11,10 +11,10 @@ from datasets import Dataset  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from fdiv_align import f_dpg_loss  # noqa: E402
-from fdiv_align.estimators import LeaveOneOutBaseline  # noqa: E402
+from fdiv_align.objectives.estimators import LeaveOneOutBaseline  # noqa: E402
 from fdiv_align.integrations.trl import FDivergenceReward, rloo_config_kwargs  # noqa: E402
-from fdiv_align.models import tiny_model  # noqa: E402
-from fdiv_align.sampling import score  # noqa: E402
+from fdiv_align.lm.models import tiny_model  # noqa: E402
+from fdiv_align.lm.scoring import score  # noqa: E402
 from fdiv_align.targets import RewardScorer  # noqa: E402
 
 

@@ -7,7 +7,7 @@ import math
 import torch
 
 from fdiv_align import f_dpg_loss, get_baseline
-from fdiv_align.toy import ToyAR
+from fdiv_align.testing.toy import ToyAR
 
 
 def sequence_index(x: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -26,11 +26,11 @@ import copy
 
 import torch
 
-from ..divergences import get_divergence
-from ..estimators import LogZAccumulator
-from ..policy import Policy
-from ..precision import compute_plan
-from ..sampling import Batch, SamplingConfig, pad_rows
+from ..objectives.divergences import floored_log_target, get_divergence, needs_floor
+from ..objectives.estimators import LogZAccumulator
+from ..lm.policy import Policy
+from ..lm.precision import compute_plan
+from ..lm.sampling import Batch, SamplingConfig, pad_rows
 
 __all__ = ["FDivergenceReward", "rloo_config_kwargs"]
 
@@ -40,11 +40,11 @@ def rloo_config_kwargs(exact: bool = True, precision: str = "auto", device=None)
 
     ``exact``: fp32 (TRL's mixed precision off: transformers enables bf16 autocast by default on CPUs
     with bf16 support, which moves sequence log-probs by ~1e-2 nats). Otherwise TRL's ``bf16`` follows
-    the same hardware decision as our trainer (:func:`fdiv_align.precision.choose_precision` for
+    the same hardware decision as our trainer (:func:`fdiv_align.lm.precision.choose_precision` for
     ``precision`` = auto | fp32 | bf16 on ``device``, default: cuda when visible, else cpu) — never bf16
     on a CPU that runs bf16 products in a slow fallback."""
-    from ..models import resolve_device
-    from ..precision import choose_precision
+    from ..lm.models import resolve_device
+    from ..lm.precision import choose_precision
 
     kw = {"beta": 0.0, "num_iterations": 1, "normalize_advantages": False, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
     chosen = "fp32" if exact else choose_precision(precision, resolve_device(device))[0]
@@ -69,10 +69,10 @@ class FDivergenceReward:
         self.log_phi_floor = log_phi_floor
         self.is_peft = hasattr(model, "disable_adapter")
         reference = None if self.is_peft else copy.deepcopy(model).eval().requires_grad_(False)
-        # the library's one log a (fdiv_align/policy.py): adapters disabled, or the frozen copy; exact fp32
+        # the library's one log a (fdiv_align/lm/policy.py): adapters disabled, or the frozen copy; exact fp32
         # scoring (TRL's own precision is rloo_config_kwargs's business)
-        plan = compute_plan("fp32", False, next(model.parameters()).device)
-        self.policy = Policy(model, tokenizer, self.is_peft, reference, SamplingConfig(), plan, fused=False)
+        plan = compute_plan("fp32", False, next(model.parameters()).device, fused=False)
+        self.policy = Policy(model, tokenizer, self.is_peft, reference, SamplingConfig(), plan)
         self.log_z = LogZAccumulator()
         self.context_ids: dict[str, int] = {}
         self.__name__ = f"fdpg_{self.divergence.name}"
@@ -101,12 +101,9 @@ class FDivergenceReward:
         log_a = self.policy.reference_logprobs(batch)
         self.model.train(was_training)
         log_phi = self.scorer.log_scores(texts, prompts)
-        if not self.divergence.finite_where_target_is_zero and torch.isneginf(log_phi).any():
-            if self.log_phi_floor is None:
-                raise ValueError(f"divergence {self.divergence.name!r} is infinite where P = 0: pass log_phi_floor "
-                                 f"(log P = log a + max(log Φ, floor)) for samples the scorer gives Φ = 0")
-            log_phi = log_phi.clamp_min(self.log_phi_floor)
-        log_P = log_a.cpu() + log_phi
+        floor = self.log_phi_floor if needs_floor(self.divergence, log_phi, self.log_phi_floor, "log Φ", "log_phi_floor") \
+            else None
+        log_P = floored_log_target(log_a.cpu(), log_phi, floor)
         self.log_z.update(log_P, log_pi.cpu(), batch.context_index)
         log_z, known = self.log_z.log_z(batch.context_index)
         log_t = log_pi.cpu() - log_P + torch.where(known, log_z, torch.zeros_like(log_z))

@@ -1,5 +1,5 @@
 """Fused lm_head → token log-prob kernels (see :mod:`.token_logprobs`). They import nothing else of the
-package; :mod:`fdiv_align.logprobs` plugs them into scoring."""
+package; :mod:`fdiv_align.lm.logprobs` plugs them into scoring."""
 
 from __future__ import annotations
 

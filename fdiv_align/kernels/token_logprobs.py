@@ -221,7 +221,8 @@ class _TokenLogprobs(torch.autograd.Function):
         ent = lse - mean_z if want_entropy else lse.new_zeros(0)
         ctx.save_for_backward(hidden, weight, bias if bias is not None else torch.empty(0), targets, lse, mean_z)
         ctx.kept, ctx.split, ctx.shift = kept, split, shift  # intermediates (neither inputs nor outputs): held on ctx
-        ctx.has_bias, ctx.inv_temp, ctx.vocab_tile, ctx.want_entropy, ctx.compile = bias is not None, inv_temp, vocab_tile, want_entropy, compile
+        ctx.has_bias, ctx.inv_temp, ctx.vocab_tile = bias is not None, inv_temp, vocab_tile
+        ctx.want_entropy, ctx.compile = want_entropy, compile
         ctx.mark_non_differentiable(lse)
         return lp, ent, lse
 

@@ -77,7 +77,7 @@ def fit_lambda(phi: torch.Tensor, targets: Sequence[float], log_a: torch.Tensor 
     lam = torch.zeros(k, dtype=torch.float64)
     value, grad, cov, w = _dual(lam, phi, log_v, mu)
     it = 0
-    for it in range(1, max_iter + 1):
+    for it in range(1, max_iter + 1):  # noqa: B007 - ``it`` is reported after the loop
         if float(grad.abs().max()) <= tol:
             break
         step = torch.linalg.lstsq(cov + NEWTON_RIDGE * torch.eye(k, dtype=torch.float64), -grad[:, None]).solution.flatten()

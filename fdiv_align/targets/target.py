@@ -11,7 +11,10 @@ from pathlib import Path
 
 import torch
 
-from ..sampling import Batch, SamplingConfig, score
+from ..lm.batch import Batch
+from ..objectives.divergences import floored_log_target
+from ..lm.logprobs import SamplingConfig
+from ..lm.scoring import score
 from .distributional import DistributionalConstraint
 from .scorers import ProductScorer, Scorer
 
@@ -22,12 +25,18 @@ class BaseLM:
     """a(x|c): the reference LM. Scores continuation tokens with the library's one layout.
 
     ``BaseLM(model, tokenizer)`` scores with ``model`` as it is; inside the trainer a comes from
-    :meth:`fdiv_align.policy.Policy.base_lm`, whose ``logprobs`` is the policy's reference pass
-    (adapters disabled or the frozen copy) — never the adapted policy itself."""
+    :meth:`BaseLM.of_policy`, whose ``logprobs`` is the policy's reference pass (adapters disabled or
+    the frozen copy) — never the adapted policy itself."""
 
     def __init__(self, model, tokenizer, config: SamplingConfig = SamplingConfig(), logprobs=None):
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self._logprobs = logprobs
+
+    @classmethod
+    def of_policy(cls, policy) -> "BaseLM":
+        """a of a :class:`~fdiv_align.lm.policy.Policy`, scoring through its
+        :meth:`~fdiv_align.lm.policy.Policy.reference_logprobs` (the library's one log a)."""
+        return cls(policy.model, policy.tokenizer, logprobs=policy.reference_logprobs)
 
     @torch.no_grad()
     def logprobs(self, batch: Batch) -> torch.Tensor:
@@ -55,11 +64,9 @@ class TargetScores:
         return self.log_a + self.log_phi
 
     def floored_log_P(self, floor: float | None) -> torch.Tensor:
-        """log P with the scorers' log-score floored relative to the base: log a + max(log Φ, floor),
-        i.e. P ≥ e^floor·a(x) — the surrogate target p_ε for divergences infinite where P = 0 (an
-        absolute floor on log P would rank a violating sequence above a satisfying one whenever
-        log a < floor, as it is for most texts). ``floor=None``: log P itself."""
-        return self.log_P if floor is None else self.log_a + self.log_phi.clamp_min(float(floor))
+        """log a + max(log Φ, floor) (:func:`~fdiv_align.objectives.divergences.floored_log_target`);
+        ``floor=None``: log P itself."""
+        return floored_log_target(self.log_a, self.log_phi, floor)
 
 
 class Target:

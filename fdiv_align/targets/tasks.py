@@ -15,11 +15,12 @@ from importlib import resources
 from pathlib import Path
 
 
+from ..registry import Registry
 from .distributional import DistributionalConstraint
 from .scorers import AnyWord, CompilesAsPython, RewardScorer, Scorer, VaderSentiment, WordPresent
 from .target import BaseLM, Target
 
-__all__ = ["Task", "get_task", "available_tasks", "science_words", "stdlib_signatures", "female_feature"]
+__all__ = ["Task", "get_task", "register_task", "available_tasks", "science_words", "stdlib_signatures", "female_feature"]
 
 
 @dataclass
@@ -102,7 +103,7 @@ def _reward_model(path: str | None = None, beta: float = 0.1, contexts: list[str
     if not path:
         raise ValueError("task reward_model needs task.params.path: the run directory of fdiv-align-rm (or its "
                          "reward_model.pt)")
-    from ..reward_model import load_reward_model  # noqa: PLC0415 - loads a model: only for this task
+    from .reward_model import load_reward_model  # noqa: PLC0415 - loads a model: only for this task
 
     rm = load_reward_model(path)
     kw.setdefault("max_new_tokens", 12)
@@ -110,20 +111,21 @@ def _reward_model(path: str | None = None, beta: float = 0.1, contexts: list[str
                 description=f"reward: a trained reward model ({path}), P = a·exp(r/{beta})")
 
 
-_TASKS = {"amazing": _amazing, "science": _science, "sentiment": _sentiment, "female": _female,
-          "code_compiles": _code_compiles, "reward_model": _reward_model}
+_TASKS = Registry("task", {"amazing": _amazing, "science": _science, "sentiment": _sentiment, "female": _female,
+                           "code_compiles": _code_compiles, "reward_model": _reward_model}, params="parameters")
+
+
+def register_task(name: str, builder=None):
+    """Add a task: ``builder(**task.params) -> Task`` under ``name`` (a decorator when ``builder`` is
+    omitted), so that ``task.name=<name>`` reaches it from a config."""
+    return _TASKS.register(name, builder)
 
 
 def available_tasks() -> list[str]:
-    return sorted(_TASKS)
+    return _TASKS.names()
 
 
 def get_task(name: str, **params) -> Task:
-    """The built-in task ``name`` built with its parameters (``task.params`` in the config); an unknown
+    """The task ``name`` built with its parameters (``task.params`` in the config); an unknown
     name or parameter is a ValueError naming it."""
-    if name not in _TASKS:
-        raise ValueError(f"unknown task {name!r}; expected one of {', '.join(available_tasks())}")
-    try:
-        return _TASKS[name](**params)
-    except TypeError as exc:
-        raise ValueError(f"task {name!r} does not accept parameters {params}: {exc}") from None
+    return _TASKS.build(name, **params)

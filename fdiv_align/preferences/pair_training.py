@@ -1,11 +1,11 @@
 """Training on preference pairs: the reward model (``fdiv-align-rm``) and offline f-DPO (``fdiv-align-po``).
 
-Both minimise the mean over pairs of −log σ(m_i) (:func:`fdiv_align.preference_loss.pairwise_nll`) for a
+Both minimise the mean over pairs of −log σ(m_i) (:func:`fdiv_align.objectives.preference_loss.pairwise_nll`) for a
 preference logit m_i that the objective supplies:
 
 * :class:`RewardModelObjective`: m = r(y_w) − r(y_l) − margin (Bradley–Terry; the margin only where the
-  data has one and ``use_margin``), r the reward model of fdiv_align/reward_model.py;
-* :class:`FDPOObjective`: m = β [f′(π/π_ref)(y_w) − f′(π/π_ref)(y_l)] (f-DPO, fdiv_align/preference_loss.py),
+  data has one and ``use_margin``), r the reward model of fdiv_align/targets/reward_model.py;
+* :class:`FDPOObjective`: m = β [f′(π/π_ref)(y_w) − f′(π/π_ref)(y_l)] (f-DPO, fdiv_align/objectives/preference_loss.py),
   π = the model with LoRA adapters, π_ref = the same model with adapters disabled (TRL's PEFT convention).
 
 The pairs of ``training.data`` are split by a seeded permutation into a training and a held-out part
@@ -15,7 +15,7 @@ fraction of pairs whose score difference s_i (r_w − r_l, or r̂_w − r̂_l, w
 ties counted ½ — with its binomial standard error √(acc(1−acc)/n), at the start (unless
 ``eval_at_start`` is false; summary.json's ``initial`` is then null) and after every epoch, ``eval_batch_size``
 pairs per forward.
-Checkpoints (fdiv_align/checkpoint.py: atomic, verified) every ``checkpoint_every`` steps and at the end;
+Checkpoints (fdiv_align/training/checkpoint.py: atomic, verified) every ``checkpoint_every`` steps and at the end;
 a rerun resumes from the newest one, and re-draws exactly the same batches. metrics.jsonl holds one
 record per step and per evaluation; summary.json (written atomically, last) the outcome.
 """
@@ -30,11 +30,13 @@ from pathlib import Path
 
 import torch
 
-from .batch import make_batch
-from .checkpoint import load_latest, save_checkpoint
-from .metrics import MetricsLogger
-from .preference_loss import bradley_terry_loss, check_f_dpo_divergence, f_dpo_margin, pairwise_nll
-from .preferences import PreferencePair
+from ..lm.batch import make_batch
+from ..files import atomic_path
+from ..training.interrupts import stop_requests
+from ..training.metrics import MetricsLogger, say
+from ..training.run_dir import RunDir
+from ..objectives.preference_loss import bradley_terry_loss, check_f_dpo_divergence, f_dpo_margin, pairwise_nll
+from .data import PreferencePair
 
 __all__ = ["RewardModelObjective", "FDPOObjective", "split_pairs", "pairwise_accuracy", "train_on_pairs",
            "run_reward_model", "run_preference_opt", "ADAPTER_DIR"]
@@ -47,7 +49,7 @@ SPLIT_SEED_OFFSET = 4242
 
 
 class RewardModelObjective:
-    """Bradley–Terry on a :class:`fdiv_align.reward_model.RewardModel`."""
+    """Bradley–Terry on a :class:`fdiv_align.targets.reward_model.RewardModel`."""
 
     def __init__(self, rm, use_margin: bool = True):
         self.rm, self.use_margin = rm, use_margin
@@ -78,7 +80,7 @@ class RewardModelObjective:
 
 
 class FDPOObjective:
-    """f-DPO of a :class:`fdiv_align.policy.Policy` (LoRA: the reference is the base with adapters off)."""
+    """f-DPO of a :class:`fdiv_align.lm.policy.Policy` (LoRA: the reference is the base with adapters off)."""
 
     def __init__(self, policy, divergence, beta: float):
         if not policy.use_lora:
@@ -142,28 +144,30 @@ def _evaluate(objective, pairs: list[PreferencePair], batch_size: int) -> dict:
             "heldout_pairs": len(pairs)}
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def train_on_pairs(objective, pairs: list[PreferencePair], training, run_dir: str | os.PathLike,
-                   config: dict | None = None, on_finish=None) -> dict:
+                   config: dict | None = None, on_finish=None, artifacts: tuple[str, ...] = ()) -> dict:
     """Train ``objective`` on ``pairs`` as ``training`` (:class:`fdiv_align.config.PairTrainingConfig`)
     says, in ``run_dir`` (see the module docstring); ``on_finish(run_dir, summary)`` writes the artifact
-    (e.g. the reward model) before summary.json. Returns the summary."""
+    (e.g. the reward model; ``artifacts`` its names, set aside with the records on a fresh start) before
+    summary.json. Returns the summary.
+
+    Stop signals as in the f-DPG trainer (fdiv_align/training/interrupts.py): the step in flight is
+    finished, checkpointed, and ``{"status": "interrupted", ...}`` returned; a rerun continues exactly."""
+    with stop_requests() as stops:
+        return _train_on_pairs(objective, pairs, training, RunDir(run_dir, artifacts=artifacts), config or {}, on_finish,
+                               stops)
+
+
+def _train_on_pairs(objective, pairs, training, run_dir: RunDir, config: dict, on_finish, stops) -> dict:
     t0 = time.perf_counter()
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     train, heldout = split_pairs(pairs, training.eval_fraction, training.seed)
     bs = training.batch_size
     per_epoch = math.ceil(len(train) / bs)
     total = training.epochs * per_epoch
     optimizer = torch.optim.AdamW(objective.parameters, lr=training.lr, weight_decay=training.weight_decay)
-    logger = MetricsLogger(run_dir, True, None, config or {})
+    logger = MetricsLogger(run_dir.path, True, None, config)
     step, initial = 0, None
-    found = load_latest(run_dir / "checkpoints") if training.resume else None
+    found = run_dir.latest_checkpoint() if training.resume else None
     if found is not None:
         step, state, _ = found
         objective.load_state(state["model"])
@@ -171,15 +175,14 @@ def train_on_pairs(objective, pairs: list[PreferencePair], training, run_dir: st
         initial = state["initial"]
         logger.truncate_after(step)
     else:
-        for stale in ("metrics.jsonl", "summary.json"):
-            (run_dir / stale).unlink(missing_ok=True)
+        run_dir.set_aside("a fresh start" if training.resume else "training.resume=false")
         if training.eval_at_start:
             initial = _evaluate(objective, heldout, training.eval_batch_size)
             logger.log(0, initial)
 
     def save():
-        save_checkpoint(run_dir / "checkpoints", step, {"model": objective.state(), "optimizer": optimizer.state_dict(),
-                                                        "initial": initial}, keep=training.keep_checkpoints)
+        return run_dir.save_checkpoint(step, {"model": objective.state(), "optimizer": optimizer.state_dict(),
+                                              "initial": initial}, keep=training.keep_checkpoints)
 
     bar = None
     if training.progress:
@@ -187,7 +190,7 @@ def train_on_pairs(objective, pairs: list[PreferencePair], training, run_dir: st
 
         bar = tqdm(total=total, initial=step, desc="pairs", dynamic_ncols=True)
     last = None
-    while step < total:
+    while step < total and not stops.requested:
         epoch, pos = divmod(step, per_epoch)
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(training.seed * 100_003 + epoch)).tolist()
         chunk = [train[i] for i in order[pos * bs:(pos + 1) * bs]]
@@ -216,26 +219,31 @@ def train_on_pairs(objective, pairs: list[PreferencePair], training, run_dir: st
             bar.set_postfix(loss=f"{float(loss):.3f}")
     if bar is not None:
         bar.close()
+    if stops.requested and step < total:
+        path = save()
+        say(f"stopped at step {step}; checkpoint {path}")
+        logger.close()
+        return {"status": "interrupted", "step": step, "signal": int(stops.signum), "saved": True}
     if found is None or found[0] < total:
         save()
     summary = {"status": "finished", "steps": step, "epochs": training.epochs, "train_pairs": len(train),
                "heldout_pairs": len(heldout), "initial": initial, "final": last,
-               "wall_seconds_this_run": time.perf_counter() - t0, "config": config or {}}
+               "wall_seconds_this_run": time.perf_counter() - t0, "config": config}
     if last is None:  # resumed after the last step: its evaluation is the last one logged
-        summary["final"] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        summary["final"] = [json.loads(line) for line in (run_dir.path / "metrics.jsonl").read_text().splitlines()
                             if '"eval"' in line][-1]
     if on_finish is not None:
-        on_finish(run_dir, summary)
-    _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2, default=float))
+        on_finish(run_dir.path, summary)
+    run_dir.write_summary(summary)
     logger.close()
     return summary
 
 
 def _load_for_pairs(cfg):
     """Checks, preference data, threads and the model of a pair-training config (before anything is written)."""
-    from .config import validate_pairs
-    from .models import load_configured, resolve_device
-    from .preferences import load_preferences
+    from ..config import validate_pairs
+    from ..lm.models import load_configured, resolve_device
+    from .data import load_preferences
 
     validate_pairs(cfg)
     pairs = load_preferences(cfg.training.data)
@@ -250,10 +258,10 @@ def _load_for_pairs(cfg):
 
 def run_reward_model(cfg, run_dir: str | os.PathLike) -> dict:
     """``fdiv-align-rm``: train a reward model (:class:`fdiv_align.config.RewardModelConfig`) and save it as
-    ``<run_dir>/reward_model.pt`` (fdiv_align/reward_model.py), written only once training has finished."""
-    from .config import to_dict
-    from .policy import maybe_lora
-    from .reward_model import RewardModel, save_reward_model
+    ``<run_dir>/reward_model.pt`` (fdiv_align/targets/reward_model.py), written only once training has finished."""
+    from ..config import to_dict
+    from ..lm.policy import maybe_lora
+    from ..targets.reward_model import REWARD_MODEL_FILE, RewardModel, save_reward_model
 
     pairs, lm, _ = _load_for_pairs(cfg)
     model, use_lora = maybe_lora(lm.model, cfg.model)
@@ -263,30 +271,27 @@ def run_reward_model(cfg, run_dir: str | os.PathLike) -> dict:
     def finish(run_dir: Path, summary: dict) -> None:
         summary["reward_model"] = str(save_reward_model(rm, run_dir, model_cfg, summary["final"]))
 
-    return train_on_pairs(RewardModelObjective(rm, cfg.use_margin), pairs, cfg.training, run_dir, to_dict(cfg), finish)
+    return train_on_pairs(RewardModelObjective(rm, cfg.use_margin), pairs, cfg.training, run_dir, to_dict(cfg), finish,
+                          artifacts=(REWARD_MODEL_FILE,))
 
 
 def run_preference_opt(cfg, run_dir: str | os.PathLike) -> dict:
     """``fdiv-align-po``: offline f-DPO (:class:`fdiv_align.config.PreferenceOptConfig`); the trained LoRA
     adapter is saved in ``<run_dir>/adapter`` (renamed into place once complete)."""
-    import shutil
-
-    from .config import to_dict
-    from .divergences import get_divergence
-    from .policy import prepare_policy
-    from .precision import compute_plan
-    from .sampling import SamplingConfig
+    from ..config import to_dict
+    from ..objectives.divergences import get_divergence
+    from ..lm.policy import prepare_policy
+    from ..lm.precision import compute_plan
+    from ..lm.sampling import SamplingConfig
 
     divergence = check_f_dpo_divergence(get_divergence(cfg.divergence.name, **cfg.divergence.params))
     pairs, lm, device = _load_for_pairs(cfg)
     policy = prepare_policy(cfg.model, lm, device, compute_plan("fp32", None, device), SamplingConfig())
 
     def finish(run_dir: Path, summary: dict) -> None:
-        tmp, final = run_dir / (ADAPTER_DIR + ".tmp"), run_dir / ADAPTER_DIR
-        shutil.rmtree(tmp, ignore_errors=True)
-        policy.model.save_pretrained(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        summary["adapter"] = str(final)
+        with atomic_path(run_dir / ADAPTER_DIR, directory=True) as tmp:
+            policy.model.save_pretrained(tmp)
+        summary["adapter"] = str(run_dir / ADAPTER_DIR)
 
-    return train_on_pairs(FDPOObjective(policy, divergence, cfg.beta), pairs, cfg.training, run_dir, to_dict(cfg), finish)
+    return train_on_pairs(FDPOObjective(policy, divergence, cfg.beta), pairs, cfg.training, run_dir, to_dict(cfg), finish,
+                          artifacts=(ADAPTER_DIR,))

@@ -2,10 +2,10 @@
 
 :func:`prepare_policy` turns a loaded causal LM into a :class:`Policy`: placed on its device, with
 the configured attention kernel, LoRA adapters (or full fine-tuning with a frozen copy of the base)
-and the compute plan's precision (fdiv_align/precision.py). The base distribution a(x|c) is the
+and the compute plan's precision (fdiv_align/lm/precision.py). The base distribution a(x|c) is the
 policy with its adapters disabled (LoRA) or the frozen copy (full fine-tuning) —
 :meth:`Policy.reference_logprobs`, the library's one implementation of log a, which targets use too
-(:class:`fdiv_align.targets.BaseLM` built by :meth:`Policy.base_lm`).
+(:meth:`fdiv_align.targets.BaseLM.of_policy`).
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ import copy
 import torch
 
 from .attention import register_grouped_eager
-from .config import ModelConfig
+from ..config import ModelConfig
 from .fast_lora import install_fast_lora_forward
-from .logprobs import LogProbBackend, SamplingConfig
+from .logprobs import SamplingConfig
 from .models import lora_wrap
 from .precision import ComputePlan
-from .sampling import Batch, sample, score, weighted_logprob_sum
-from .targets import BaseLM
+from .batch import Batch
+from .sampling import sample
+from .scoring import score, weighted_logprob_sum
 
 __all__ = ["Policy", "prepare_policy", "maybe_lora"]
 
@@ -34,60 +35,47 @@ class Policy:
     """
 
     def __init__(self, model, tokenizer, use_lora: bool, reference, sampling: SamplingConfig,
-                 plan: ComputePlan, fp32_head: bool = False, fused: bool = True):
+                 plan: ComputePlan):
         self.model, self.tokenizer, self.use_lora, self.reference = model, tokenizer, use_lora, reference
         self.sampling, self.plan = sampling, plan
-        # the one choice of how log-probs are computed, for sampling, scoring and the surrogate
-        self.backend = LogProbBackend(plan.autocast_dtype, plan.head_dtype(fp32_head), fused, plan.compile)
         self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self.trainable:
             raise ValueError("nothing to train: no parameter requires grad (a PEFT config whose adapters are not "
                              "trainable, or a frozen model); check model.lora_target_modules")
         self.pad_id = tokenizer.pad_token_id
 
-    @property
-    def autocast_dtype(self) -> torch.dtype | None:
-        return self.backend.autocast_dtype
-
-    @property
-    def head_dtype(self) -> torch.dtype | None:
-        return self.backend.head_dtype
-
     @torch.no_grad()
     def sample(self, contexts: list[str], context_index: torch.Tensor, uniforms: torch.Tensor, max_new_tokens: int,
                stop_at_eos: bool = True) -> Batch:
-        """Samples of πθ (with the current weights) with log q recorded; see :func:`fdiv_align.sampling.sample`."""
+        """Samples of πθ (with the current weights) with log q recorded; see :func:`fdiv_align.lm.sampling.sample`."""
         self.model.eval()
-        return sample(self.model, self.tokenizer, contexts, 0, max_new_tokens, self.sampling, stop_at_eos,
-                      context_index=context_index, uniforms=uniforms, backend=self.backend)
+        return sample(self.model, self.tokenizer, contexts, num_samples=0, max_new_tokens=max_new_tokens,
+                      config=self.sampling, stop_at_eos=stop_at_eos, context_index=context_index, uniforms=uniforms,
+                      plan=self.plan)
 
     @torch.no_grad()
     def reference_logprobs(self, batch: Batch) -> torch.Tensor:
         """[N] log a(x|c): the base distribution (adapters disabled, or the frozen copy), untransformed, float64."""
         if self.use_lora:
             with self.model.disable_adapter():
-                lp = score(self.model, batch, SamplingConfig(), pad_id=self.pad_id, backend=self.backend)[1]
+                lp = score(self.model, batch, SamplingConfig(), pad_id=self.pad_id, plan=self.plan).sequence_logprobs
         else:
-            lp = score(self.reference, batch, SamplingConfig(), pad_id=self.pad_id, backend=self.backend)[1]
+            lp = score(self.reference, batch, SamplingConfig(), pad_id=self.pad_id, plan=self.plan).sequence_logprobs
         return lp.double().cpu()
 
     def policy_logprobs(self, batch: Batch) -> torch.Tensor:
         """[N] log πθ(x|c) under the sampling transform; carries the graph in grad mode."""
-        return score(self.model, batch, self.sampling, pad_id=self.pad_id, backend=self.backend)[1].float()
+        return score(self.model, batch, self.sampling, pad_id=self.pad_id, plan=self.plan).sequence_logprobs.float()
 
     def weighted_logprob_sum(self, batch: Batch, weights: torch.Tensor) -> torch.Tensor:
         """Σ_i weights_i · log πθ(x_i|c_i) as a differentiable scalar (the fused kernel makes its head
         gradients in the forward pass)."""
         return weighted_logprob_sum(self.model, batch, weights, self.sampling, pad_id=self.pad_id,
-                                    backend=self.backend)[0]
-
-    def base_lm(self) -> BaseLM:
-        """a as a target factor: ``policy.base_lm() * scorer``, scoring through :meth:`reference_logprobs`."""
-        return BaseLM(self.model, self.tokenizer, logprobs=self.reference_logprobs)
+                                    plan=self.plan).total
 
 
-def prepare_policy(model_cfg: ModelConfig, lm, device: torch.device, plan: ComputePlan, sampling: SamplingConfig,
-                   fp32_head: bool = False, fused: bool = True) -> Policy:
+
+def prepare_policy(model_cfg: ModelConfig, lm, device: torch.device, plan: ComputePlan, sampling: SamplingConfig) -> Policy:
     """A :class:`Policy` from a loaded LM (``lm.model``, ``lm.tokenizer``): device, attention kernel,
     LoRA or full fine-tuning, and the bf16 fast path when the plan says bf16."""
     model = lm.model
@@ -104,7 +92,7 @@ def prepare_policy(model_cfg: ModelConfig, lm, device: torch.device, plan: Compu
         if plan.autocast_dtype is not None:
             _store_frozen_in(model, plan.autocast_dtype)
             _keep_adapter_inputs_in_compute_dtype(model)
-    return Policy(model, lm.tokenizer, use_lora, reference, sampling, plan, fp32_head, fused)
+    return Policy(model, lm.tokenizer, use_lora, reference, sampling, plan)
 
 
 def _move_to_device(model, device: torch.device) -> None:
@@ -140,7 +128,7 @@ def maybe_lora(model, m: ModelConfig):
 
 def _set_attention(model, wanted: str | None) -> None:
     """Apply ``model.attn_implementation`` (null: ``fdiv_grouped_eager`` on CPU — eager attention
-    without repeat_kv copies (fdiv_align/attention.py); for these short sequences eager beats sdpa's
+    without repeat_kv copies (fdiv_align/lm/attention.py); for these short sequences eager beats sdpa's
     flash kernel here, docs/results/step_time_profile.md — and ``sdpa`` elsewhere)."""
     grouped = register_grouped_eager()
     if wanted is None:

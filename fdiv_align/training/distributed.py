@@ -45,6 +45,10 @@ class Group:
         dist.all_gather_object(parts, x.detach().cpu())
         return torch.cat(parts)
 
+    def sum(self, value: float) -> float:
+        """Sum of a number over ranks."""
+        return value if _dist() is None else float(self.gather(torch.tensor([value], dtype=torch.float64)).sum())
+
     def gather_list(self, xs: list) -> list:
         dist = _dist()
         if dist is None:

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+
+from ..files import atomic_write_text
 
 __all__ = ["PreferencePair", "PreferenceDataError", "load_preferences", "write_preferences", "synthetic_preferences"]
 
@@ -99,11 +100,7 @@ def write_preferences(pairs: Sequence[PreferencePair], path: str | Path) -> Path
     rows = [_check_row(p.as_row(), f"pair {i}").as_row() for i, p in enumerate(pairs)]
     if not rows:
         raise PreferenceDataError("no preference pairs to write")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def synthetic_preferences(prompts: Sequence[str], responses: Sequence[Sequence[str]],

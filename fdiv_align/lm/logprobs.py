@@ -2,22 +2,21 @@
 
 One place for what sampling, scoring and the update share: ``SamplingConfig`` and
 ``transformed_logprobs`` (the distribution actually sampled from), the accurate fp32 log-softmax, the
-output head's logits (fp32, or bf16 GEMMs with fp32 logits) and the glue that plugs the fused kernels
-of :mod:`fdiv_align.kernels` into scoring. The kernels import nothing of the package; this module
-imports them.
+output head's logits (fp32, or bf16 GEMMs with fp32 logits) and the one glue that plugs the fused
+kernels of :mod:`fdiv_align.kernels` into scoring and the surrogate (:func:`fused_head_operands`). The
+kernels import nothing of the package; this module imports them.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 
-from .kernels import low_precision_weight, shifted_head_logits, token_logprobs
+from ..kernels import low_precision_weight, shifted_head_logits, token_logprobs
 
 __all__ = ["SamplingConfig", "transformed_logprobs", "log_softmax_fp32", "head_logits", "head_inputs",
-           "plain_linear_head", "fused_head_weights", "head_logprob_fn", "LogProbBackend", "PLAIN"]
+           "plain_linear_head", "fused_head_weights", "fused_head_operands", "fused_token_logprobs"]
 
 
 @dataclass(frozen=True)
@@ -128,55 +127,20 @@ def fused_head_weights(head, config) -> tuple[torch.Tensor, torch.Tensor | None]
     return plain_linear_head(head)
 
 
-def head_logprob_fn(allow_fallback: bool = False, compile: bool = True, head_dtype: torch.dtype | None = None):
-    """A ``logprob_fn(hidden [B,T,H], head, targets [B,T], config) -> [B,T]`` for
-    :func:`fdiv_align.sampling.score`: the fused kernel, with the sampler's temperature. Top-k/top-p
-    need whole logit rows: refused unless ``allow_fallback`` (then the unfused path is used).
-    ``head_dtype`` (e.g. bf16): the head's GEMMs in that dtype (fp32 logits, see
-    :mod:`.low_precision_head`); None = fp32."""
-    def fn(hidden, head, targets, config):
-        try:
-            weight, bias = fused_head_weights(head, config)
-        except (TypeError, ValueError):
-            if not allow_fallback:
-                raise
-            logp = transformed_logprobs(head_logits(head, hidden, head_dtype), config)
-            return logp.gather(-1, targets[..., None]).squeeze(-1)
-        h, w = head_inputs(hidden, weight, head_dtype)
-        with torch.autocast(hidden.device.type, enabled=False):  # the head's own precision, like head_logits
-            return token_logprobs(h, w, targets, temperature=config.temperature,
-                                  bias=None if bias is None else bias.float(), compile=compile)
-
-    return fn
+def fused_head_operands(head, hidden: torch.Tensor, config, head_dtype: torch.dtype | None):
+    """(hidden, weight, bias) for the fused kernels of :mod:`fdiv_align.kernels` — the one glue between the
+    model's head and them: the plain linear head's weight (anything else, or top-k/top-p, is refused:
+    :func:`fused_head_weights`), hidden and weight in the head's GEMM dtype (:func:`head_inputs`), bias fp32."""
+    weight, bias = fused_head_weights(head, config)
+    hidden, weight = head_inputs(hidden, weight, head_dtype)
+    return hidden, weight, None if bias is None else bias.float()
 
 
-@dataclass(frozen=True)
-class LogProbBackend:
-    """How log-probabilities are computed, chosen once (:func:`fdiv_align.policy.prepare_policy` builds
-    it from the compute plan) and handed to sampling, scoring and the surrogate as one object.
-
-    ``autocast_dtype``: the transformer body's compute dtype (None = fp32, no autocast);
-    ``head_dtype``: the output head's GEMM dtype (None = fp32; the logits are fp32 either way, see
-    :func:`head_logits`); ``fused``: the fused lm_head → log-prob kernel for scoring and the surrogate
-    (:mod:`fdiv_align.kernels`), else the plain head + log-softmax; ``compile``: the kernel's
-    elementwise passes through torch.compile (False: eager, same values).
-    """
-
-    autocast_dtype: torch.dtype | None = None
-    head_dtype: torch.dtype | None = None
-    fused: bool = False
-    compile: bool = True
-
-    def autocast(self, device_type: str):
-        """The body's autocast context on ``device_type`` (a no-op in fp32)."""
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type, dtype=self.autocast_dtype)
-
-    def logprob_fn(self):
-        """:func:`fdiv_align.sampling.score`'s head + log-softmax + gather step: the fused kernel, or None."""
-        return head_logprob_fn(allow_fallback=False, compile=self.compile, head_dtype=self.head_dtype) if self.fused else None
-
-
-#: the plain fp32 path: no autocast, fp32 head GEMMs, unfused scoring
-PLAIN = LogProbBackend()
+def fused_token_logprobs(hidden: torch.Tensor, head, targets: torch.Tensor, config, head_dtype: torch.dtype | None,
+                         compile: bool = True) -> torch.Tensor:
+    """[B, T] log-probs of ``targets`` under the head and the sampler's temperature, by the fused kernel
+    (never materialising [B·T, V] logits); ``head_dtype`` (e.g. bf16): the head's GEMMs in that dtype
+    (fp32 logits, see :mod:`fdiv_align.kernels.low_precision_head`); None = fp32."""
+    h, w, b = fused_head_operands(head, hidden, config, head_dtype)
+    with torch.autocast(hidden.device.type, enabled=False):  # the head's own precision, like head_logits
+        return token_logprobs(h, w, targets, temperature=config.temperature, bias=b, compile=compile)

@@ -9,14 +9,18 @@ log q_i, target log-scores log P_i and log Z:
     L       = −(1/N) Σ_i sg[w_i (R_i − B_i)] · log π_i
 
 Contract: with the exact log Z and ``reduction="mean"``, E_q[∇θ L] = ∇θ D_f(πθ‖p) of
-:mod:`fdiv_align.divergences`, constants included (any B_i independent of x_i keeps it exact
+:mod:`fdiv_align.objectives.divergences`, constants included (any B_i independent of x_i keeps it exact
 because E_q[w ∇log π] = 0).
 
 Samples with log P = −∞: finite for ``fkl``, ``js``, ``tv``, ``alpha`` (α<1). For ``rkl``,
 ``chi2`` and ``alpha`` (α≥1) the pseudo-reward is −∞ there: pass ``log_p_floor`` (log P is then
 replaced by max(log P, floor) — a documented, biased surrogate that treats P = 0 as a tiny
-P = e^floor) or the call raises. All coefficients are computed in float64; if one still
-overflows (|log ratios| beyond ~700) the call raises instead of letting ±∞/NaN into the grads.
+P = e^floor) or the call raises (:func:`~fdiv_align.objectives.divergences.needs_floor`). The trainer and
+the TRL integration, which see log a and log Φ apart, floor Φ instead — relative to the base,
+:func:`~fdiv_align.objectives.divergences.floored_log_target` — and pass finite log P here.
+
+All coefficients are computed in float64; if one still overflows (|log ratios| beyond ~700) the call
+raises instead of letting ±∞/NaN into the grads.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .divergences import Divergence, get_divergence
+from .divergences import Divergence, get_divergence, needs_floor
 from .estimators import Baseline, LogZAccumulator, effective_sample_size, get_baseline
 
 __all__ = ["FDPGLossOutput", "f_dpg_loss", "FDivergenceLoss"]
@@ -79,10 +83,10 @@ def f_dpg_loss(
         policy_logprobs: [N] log πθ(x_i|c_i), with grad.
         proposal_logprobs: [N] log q(x_i|c_i) (on-policy: ``policy_logprobs.detach()``).
         target_logscores: [N] log P(x_i|c_i), −∞ allowed.
-        divergence: a name (``"js"``) or a :class:`~fdiv_align.divergences.Divergence`.
+        divergence: a name (``"js"``) or a :class:`~fdiv_align.objectives.divergences.Divergence`.
         log_z: scalar or [N] log Z of each sample's context.
         baseline: None (B = 0), a number or [N] tensor of B_i, or a
-            :class:`~fdiv_align.estimators.Baseline` (called, then updated with this batch).
+            :class:`~fdiv_align.objectives.estimators.Baseline` (called, then updated with this batch).
         reduction: ``"mean"`` (the contract), ``"sum"`` or ``"none"`` (per-sample terms).
         context_ids: [N] integer context ids (for the leave-one-out baseline).
         log_p_floor: floor on log P for divergences infinite where P = 0 (``rkl``, ``chi2``).
@@ -101,20 +105,15 @@ def f_dpg_loss(
         raise ValueError("proposal_logprobs: must be finite (q must have produced every sample)")
     if torch.isposinf(log_P).any():
         raise ValueError("target_logscores: +inf is not a valid log-score")
-    log_z = torch.as_tensor(log_z, dtype=torch.float64, device=log_pi.device).detach() if not torch.is_tensor(log_z) else log_z.detach().to(log_pi.device, torch.float64)
+    log_z = torch.as_tensor(log_z, dtype=torch.float64, device=log_pi.device).detach() if not torch.is_tensor(log_z) \
+        else log_z.detach().to(log_pi.device, torch.float64)
     if log_z.dim() > 1 or (log_z.dim() == 1 and log_z.numel() != n):
         raise ValueError(f"log_z: expected a scalar or shape [{n}], got {tuple(log_z.shape)}")
     if not torch.isfinite(log_z).all():
         raise ValueError(f"log_z must be finite, got {log_z.flatten()[:5].tolist()} (Z unknown? skip that context)")
     log_z = log_z.expand(n)
 
-    zero_target = torch.isneginf(log_P)
-    if not div.finite_where_target_is_zero and zero_target.any():
-        if log_p_floor is None:
-            raise ValueError(
-                f"divergence {div.name!r} is infinite where the target is 0, and {int(zero_target.sum())} sample(s) "
-                f"have log P = -inf; pass log_p_floor (e.g. -50.0) to treat them as P = exp(floor), or use fkl/js/tv"
-            )
+    if needs_floor(div, log_P, log_p_floor, "log P", "log_p_floor"):
         log_P = log_P.clamp_min(float(log_p_floor))
 
     log_t = log_pi - log_P + log_z

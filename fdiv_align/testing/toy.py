@@ -3,7 +3,7 @@
 :class:`ToyAR` generates fixed-length sequences x = (x_1..x_T) over a vocabulary of V tokens:
 π(x) = Π_t softmax(W[t, x_{t−1}])[x_t] (x_0 = BOS). With V = 4 and T = 5 there are 1,024
 sequences, so π, any target p = P/Z, every f-divergence and its exact gradient (autograd
-through :func:`fdiv_align.divergences.exact_divergence`) are computed by enumeration.
+through :func:`fdiv_align.objectives.divergences.exact_divergence`) are computed by enumeration.
 
 :class:`ToyProblem` holds a base model a and a target log-score log P(x) = log a(x) + log Φ(x)
 (pointwise, exponential/reward), with the exact log Z and p.
@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .divergences import exact_divergence
+from ..objectives.divergences import exact_divergence
 
 __all__ = ["ToyAR", "ToyProblem", "pointwise_problem", "exponential_problem", "reward_problem", "minimise",
            "enumerable_lm", "enumeration_batch", "exact_trainer_divergences", "enumerate_logprobs"]
@@ -134,7 +134,7 @@ def minimise(problem: ToyProblem, divergence, steps: int = 200, batch_size: int 
     the exact divergences named in ``measure`` before and after, and the exact training curve of
     the optimised divergence.
     """
-    from .loss import FDivergenceLoss
+    from ..objectives.loss import FDivergenceLoss
 
     torch.manual_seed(seed)
     if policy is None:
@@ -170,7 +170,7 @@ def minimise(problem: ToyProblem, divergence, steps: int = 200, batch_size: int 
 def enumerable_lm(seed: int = 0, words=("a", "b", "c"), length: int = 3, logit_scale: float = 3.0):
     """A tiny HF Llama over ``words`` + 4 specials, generating exactly ``length`` tokens (no EOS stop):
     (4 + len(words))^length sequences, all enumerable. Returns (LoadedModel, all_sequences [S, length])."""
-    from .models import tiny_model
+    from ..lm.models import tiny_model
 
     lm = tiny_model(seed=seed, hidden_size=16, num_layers=1, words=list(words), logit_scale=logit_scale)
     V = len(lm.tokenizer)
@@ -179,8 +179,8 @@ def enumerable_lm(seed: int = 0, words=("a", "b", "c"), length: int = 3, logit_s
 
 
 def enumeration_batch(tokenizer, sequences: torch.Tensor, context: str = ""):
-    """A :class:`fdiv_align.sampling.Batch` holding every sequence after one context."""
-    from .batch import Batch, encode_contexts
+    """A :class:`fdiv_align.lm.sampling.Batch` holding every sequence after one context."""
+    from ..lm.batch import Batch, encode_contexts
 
     S, T = sequences.shape
     prompt = torch.tensor(encode_contexts(tokenizer, [context])[0]).expand(S, -1).clone()
@@ -207,9 +207,9 @@ def enumerate_logprobs(model, tokenizer, length: int, context: str = "", rows_pe
     x_1..x_{T−1} after [BOS]+context) predicts x_{t+1} at position t, so
     log π(x) = Σ_{t<T−1} log π(x_{t+1} | x_≤t) + log π(x_T | x_<T) — V times fewer tokens than scoring
     each sequence (fp32 log-softmax of fp32 logits, like the sampler; tests/test_paper_exact.py checks
-    it against :func:`fdiv_align.sampling.score` of every sequence)."""
-    from .batch import encode_contexts
-    from .logprobs import log_softmax_fp32
+    it against :func:`fdiv_align.lm.scoring.score` of every sequence)."""
+    from ..lm.batch import encode_contexts
+    from ..lm.logprobs import log_softmax_fp32
 
     V = model.get_output_embeddings().weight.shape[0]
     prompt = torch.tensor(encode_contexts(tokenizer, [context])[0])

@@ -2,7 +2,7 @@
 
 ``save_checkpoint(root, step, state)`` writes ``state`` (anything ``torch.save`` accepts) to a
 temporary directory, writes a manifest with each file's size and SHA-256 last, fsyncs, and
-renames the directory to ``root/checkpoint-{step:08d}`` (a rename is atomic). A crash at any
+renames the directory to ``root/checkpoint-{step:08d}`` (:func:`fdiv_align.files.atomic_path`). A crash at any
 moment leaves either the old set of checkpoints or the old set plus a complete new one; stray
 temporary directories are ignored. ``load_latest`` returns the newest checkpoint whose manifest
 matches its files, skipping (with a warning) any that is truncated or corrupt, and refuses
@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
+
+from ..files import atomic_path
 
 __all__ = ["save_checkpoint", "load_latest", "list_checkpoints", "verify_checkpoint", "CorruptCheckpointsError"]
 
@@ -35,33 +35,14 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(root: str | Path, step: int, state: dict, keep: int = 2) -> Path:
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-checkpoint-", dir=root))
-    try:
+    final = root / f"checkpoint-{step:08d}"
+    with atomic_path(final, directory=True) as tmp:
         torch.save(state, tmp / STATE_FILE)
-        _fsync(tmp / STATE_FILE)
         manifest = {"step": step, "files": {STATE_FILE: {"bytes": (tmp / STATE_FILE).stat().st_size,
                                                          "sha256": _sha256(tmp / STATE_FILE)}}}
         (tmp / MANIFEST).write_text(json.dumps(manifest))
-        _fsync(tmp / MANIFEST)
-        final = root / f"checkpoint-{step:08d}"
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -102,7 +83,8 @@ def load_latest(root: str | Path) -> tuple[int, dict, Path] | None:
             state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
             if i:
                 warnings.warn(f"checkpoint(s) {', '.join(p.name for p in found[len(found) - i:])} in {root} are "
-                              f"incomplete or corrupt (manifest mismatch); resuming from {path.name}", RuntimeWarning)
+                              f"incomplete or corrupt (manifest mismatch); resuming from {path.name}", RuntimeWarning,
+                              stacklevel=2)
             return int(manifest["step"]), state, path
     if found:
         raise CorruptCheckpointsError(

@@ -2,10 +2,11 @@
 
 r(x, c) = wᵀ h(c, x) + b, where h is the decoder's final hidden state at the EOS token closing context +
 continuation (the layout the library scores and samples with: [BOS] + context, then the continuation
-and EOS; fdiv_align/batch.py — so an empty continuation has a reward too) — the head of InstructGPT's reward model, and the position Hugging Face's
+and EOS; fdiv_align/lm/batch.py — so an empty continuation has a reward too) — the head of InstructGPT's reward model, and the position
+Hugging Face's
 ``*ForSequenceClassification`` reads. The body is the base model with LoRA adapters by default
 (``model.lora``), or fully fine-tuned. Trained by Bradley–Terry, −log σ(r(y_w) − r(y_l) − m)
-(:func:`fdiv_align.preference_loss.bradley_terry_loss`; ``fdiv-align-rm``, fdiv_align/pair_training.py),
+(:func:`fdiv_align.objectives.preference_loss.bradley_terry_loss`; ``fdiv-align-rm``, fdiv_align/preferences/pair_training.py),
 so r is identified up to an additive constant per prompt.
 
 The saved reward model is one file, ``reward_model.pt``, written atomically: the model config, the
@@ -22,13 +23,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .batch import make_batch
-from .sampling import last_token_hidden
+from ..files import atomic_path
+from ..lm.batch import make_batch
+from ..lm.scoring import last_token_hidden
 
 __all__ = ["RewardModel", "RewardModelError", "save_reward_model", "load_reward_model", "REWARD_MODEL_FILE"]
 
 REWARD_MODEL_FILE = "reward_model.pt"
-_FORMAT = "fdiv_align.reward_model/1"
+_FORMAT = "fdiv_align.targets.reward_model/1"
 
 
 class RewardModelError(ValueError):
@@ -40,7 +42,7 @@ def require_pad_token(tokenizer) -> int:
     if tokenizer.pad_token_id is None:
         raise RewardModelError(
             f"the tokenizer ({type(tokenizer).__name__}) has no pad token, so pairs of different lengths cannot be "
-            f"batched: set one first (e.g. tokenizer.pad_token = tokenizer.eos_token; fdiv_align.models.load_model "
+            f"batched: set one first (e.g. tokenizer.pad_token = tokenizer.eos_token; fdiv_align.lm.models.load_model "
             f"does that for the models it loads)")
     return tokenizer.pad_token_id
 
@@ -91,12 +93,9 @@ class RewardModel(nn.Module):
 
 def save_reward_model(rm: RewardModel, path: str | os.PathLike, model_config: dict, metrics: dict | None = None) -> Path:
     """Write ``reward_model.pt`` under directory ``path`` atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    final = path / REWARD_MODEL_FILE
-    tmp = final.with_name(final.name + ".tmp")
-    torch.save({"format": _FORMAT, "model": model_config, "metrics": metrics or {}, **rm.trained_state()}, tmp)
-    os.replace(tmp, final)
+    final = Path(path) / REWARD_MODEL_FILE
+    with atomic_path(final) as tmp:
+        torch.save({"format": _FORMAT, "model": model_config, "metrics": metrics or {}, **rm.trained_state()}, tmp)
     return final
 
 
@@ -104,8 +103,8 @@ def load_reward_model(path: str | os.PathLike, device: str | torch.device = "cpu
     """The reward model saved at ``path`` (its directory or the file): the base model its config names,
     the LoRA adapter (or full weights) and the head. Clear errors on a missing file, a file that is not a
     reward model, a missing head, or weights that do not fit the base."""
-    from .config import ModelConfig
-    from .models import load_configured, lora_wrap
+    from ..config import ModelConfig
+    from ..lm.models import load_configured, lora_wrap
 
     path = Path(path)
     file = path / REWARD_MODEL_FILE if path.is_dir() else path

@@ -1,4 +1,4 @@
-"""Sampling with log q recorded at generation time, and scoring of given continuations.
+"""Sampling with log q recorded at generation time (scoring given continuations: fdiv_align/lm/scoring.py).
 
 Layout (one convention for sampling and scoring, so that positions never differ):
 
@@ -20,12 +20,11 @@ from __future__ import annotations
 import torch
 
 from .batch import Batch, decode, encode_contexts, make_batch, pad_rows
-from .kernels import weighted_token_logprob_sum
-from .logprobs import (PLAIN, LogProbBackend, SamplingConfig, fused_head_weights, head_inputs, head_logits,
-                       transformed_logprobs)
+from .logprobs import SamplingConfig, head_logits, transformed_logprobs
+from .precision import PLAIN, ComputePlan
+from .scoring import backbone_and_head
 
-__all__ = ["SamplingConfig", "Batch", "transformed_logprobs", "encode_contexts", "sample", "score", "weighted_logprob_sum",
-           "make_batch", "backbone_and_head", "pad_rows", "last_token_hidden"]
+__all__ = ["SamplingConfig", "Batch", "transformed_logprobs", "encode_contexts", "sample", "make_batch", "pad_rows"]
 
 
 def _model_window(model) -> int | None:
@@ -36,15 +35,15 @@ def _model_window(model) -> int | None:
 def sample(model, tokenizer, contexts: list[str], num_samples: int | list[int], max_new_tokens: int,
            config: SamplingConfig = SamplingConfig(), stop_at_eos: bool = True,
            generator: torch.Generator | None = None, context_index: torch.Tensor | None = None,
-           uniforms: torch.Tensor | None = None, backend: LogProbBackend = PLAIN) -> Batch:
+           uniforms: torch.Tensor | None = None, plan: ComputePlan = PLAIN) -> Batch:
     """Ancestral samples with KV cache; log q of every token recorded as it is drawn.
 
     ``num_samples`` per context (int or one count per context), or explicit ``context_index``.
     With ``stop_at_eos`` the length is at most ``max_new_tokens``; otherwise exactly that.
     Tokens are drawn by inverse CDF from uniforms U [B, max_new_tokens] (drawn from ``generator``
     unless given), so a sample depends only on its own row of U: splitting a batch across
-    processes or micro-batches gives the same samples. ``backend``: the body's autocast dtype and the
-    head's GEMM dtype (:class:`~fdiv_align.logprobs.LogProbBackend`; default fp32).
+    processes or micro-batches gives the same samples. ``plan``: the body's autocast dtype and the
+    head's GEMM dtype (:class:`~fdiv_align.lm.precision.ComputePlan`; default fp32).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
@@ -65,9 +64,9 @@ def sample(model, tokenizer, contexts: list[str], num_samples: int | list[int], 
         uniforms = torch.rand((B, max_new_tokens), generator=generator, dtype=torch.float64)
     if uniforms.shape != (B, max_new_tokens):
         raise ValueError(f"uniforms: expected shape {(B, max_new_tokens)}, got {tuple(uniforms.shape)}")
-    with backend.autocast(device.type):
+    with plan.autocast(device.type):
         out = _decode_loop(model, tokenizer, context_index, prompt_ids.to(device), prompt_mask.to(device),
-                           uniforms.to(device), config, stop_at_eos, backend.head_dtype)
+                           uniforms.to(device), config, stop_at_eos, plan.head_dtype)
     tokens, mask, token_logq = out
     batch = Batch(context_index, list(contexts), prompt_ids, prompt_mask, tokens.cpu(), mask.cpu(), token_logq.cpu())
     batch.texts = decode(tokenizer, batch.tokens, batch.mask)
@@ -164,112 +163,3 @@ def _decode_loop(model, tokenizer, context_index, ids, attn, uniforms, config, s
         out = backbone(input_ids=tokens[:, t:t + 1], attention_mask=attn, position_ids=last_pos,
                        past_key_values=out.past_key_values, use_cache=True)
     return tokens[:, :width], mask[:, :width], token_logq[:, :width]
-
-
-def backbone_and_head(model):
-    """(decoder returning hidden states, lm_head) of a HF causal LM, PEFT-wrapped or not."""
-    inner = model
-    if hasattr(inner, "get_base_model"):
-        inner = inner.get_base_model()
-    backbone = inner.get_decoder() if hasattr(inner, "get_decoder") else getattr(inner, "model", None)
-    head = inner.get_output_embeddings()
-    if backbone is None or head is None:
-        raise TypeError(f"{type(inner).__name__}: cannot find the decoder and the output head")
-    return backbone, head
-
-
-def _layout(batch: Batch, padding_side: str, pad_id: int):
-    """input ids, attention mask, position ids and, per continuation token, the index of the hidden
-    state that predicts it ([B, T])."""
-    B, T = batch.tokens.shape
-    if padding_side == "left":
-        ids = torch.cat([batch.prompt_ids, batch.tokens], dim=1)
-        attn = torch.cat([batch.prompt_mask, batch.mask], dim=1)
-        pos = (attn.cumsum(-1) - 1).clamp_min(0)
-        Lp = batch.prompt_ids.shape[1]
-        predict = (Lp - 1 + torch.arange(T)).expand(B, T)
-        return ids, attn, pos, predict
-    if padding_side == "right":
-        plen = batch.prompt_mask.sum(-1)
-        rows = [torch.cat([batch.prompt_ids[i][batch.prompt_mask[i].bool()], batch.tokens[i][batch.mask[i].bool()]])
-                for i in range(B)]
-        ids, attn = pad_rows(rows, pad_id, "right")
-        width = ids.shape[1]
-        pos = torch.arange(width).expand(B, width)
-        predict = (plen[:, None] - 1 + torch.arange(T)).clamp_max(width - 1)
-        return ids, attn, pos, predict
-    raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-
-
-def _continuation_hidden(model, batch: Batch, padding_side: str, pad_id: int):
-    """Hidden states [B, T, H] that predict the continuation tokens, and the output head."""
-    device = next(model.parameters()).device
-    ids, attn, pos, predict = _layout(batch, padding_side, pad_id)
-    backbone, head = backbone_and_head(model)
-    hidden = backbone(input_ids=ids.to(device), attention_mask=attn.to(device), position_ids=pos.to(device)).last_hidden_state
-    return hidden.gather(1, predict.to(device)[..., None].expand(-1, -1, hidden.shape[-1])), head
-
-
-def last_token_hidden(model, batch: Batch, pad_id: int = 0) -> torch.Tensor:
-    """[B, H] the decoder's final hidden state at each row's last continuation token, in the layout of
-    :func:`score` (prompt left-padded, position ids from the attention mask): what a
-    sequence-classification head reads (fdiv_align/reward_model.py)."""
-    device = next(model.parameters()).device
-    ids, attn, pos, _ = _layout(batch, "left", pad_id)
-    backbone, _ = backbone_and_head(model)
-    hidden = backbone(input_ids=ids.to(device), attention_mask=attn.to(device), position_ids=pos.to(device)).last_hidden_state
-    lengths = batch.mask.sum(-1)
-    if (lengths == 0).any():
-        raise ValueError(f"rows {(lengths == 0).nonzero().squeeze(1).tolist()} have an empty continuation: no last token")
-    last = batch.prompt_ids.shape[1] + lengths - 1
-    return hidden[torch.arange(len(batch), device=device), last.to(device)]
-
-
-def weighted_logprob_sum(model, batch: Batch, sequence_weights: torch.Tensor, config: SamplingConfig = SamplingConfig(),
-                         pad_id: int = 0, backend: LogProbBackend = PLAIN) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Σ_i w_i log π(x_i|c_i) as a differentiable scalar, detached [B] log π), under ``backend``.
-
-    ``backend.fused``: the head's gradients are computed in the forward pass by
-    :func:`fdiv_align.kernels.weighted_token_logprob_sum` (the weights are known before the forward,
-    as f-DPG's coefficients are), never materialising [tokens × vocab] logits. Needs a plain
-    ``nn.Linear`` head and no top-k/top-p (refused otherwise); unfused is the plain path of :func:`score`.
-    """
-    device = next(model.parameters()).device
-    m = batch.mask.to(device).bool()
-    w = sequence_weights.to(device, torch.float32)
-    if not backend.fused:
-        _, seq = score(model, batch, config, pad_id=pad_id, backend=backend)
-        return (w * seq).sum(), seq.detach()
-    with backend.autocast(device.type):
-        h, head = _continuation_hidden(model, batch, "left", pad_id)
-        weight, bias = fused_head_weights(head, config)
-        h, weight = head_inputs(h, weight, backend.head_dtype)
-        token_w = torch.where(m, w[:, None].expand_as(m), torch.zeros((), device=device))
-        with torch.autocast(device.type, enabled=False):  # the head's own precision, like head_logits
-            total, tok_lp = weighted_token_logprob_sum(h, weight, batch.tokens.to(device), token_w, config.temperature,
-                                                       bias=None if bias is None else bias.float(), compile=backend.compile)
-    return total, torch.where(m, tok_lp, torch.zeros_like(tok_lp)).sum(-1)
-
-
-def score(model, batch: Batch, config: SamplingConfig = SamplingConfig(), padding_side: str = "left",
-          pad_id: int = 0, backend: LogProbBackend = PLAIN) -> tuple[torch.Tensor, torch.Tensor]:
-    """log π(x_t | c, x_<t) for the continuation tokens: ([B, T] per token, 0 at padding; [B] sums).
-
-    Runs under the caller's grad mode (wrap in ``torch.no_grad()`` for evaluation). Only the hidden
-    states that predict continuation tokens go through the head. ``backend``
-    (:class:`~fdiv_align.logprobs.LogProbBackend`): the body's autocast, the head's GEMM dtype, and
-    the fused kernel in place of the head + log-softmax + gather step when ``backend.fused``.
-    """
-    device = next(model.parameters()).device
-    logprob_fn = backend.logprob_fn()
-    with backend.autocast(device.type):
-        h, head = _continuation_hidden(model, batch, padding_side, pad_id)  # [B, T, H]
-        targets = batch.tokens.to(device)
-        if logprob_fn is None:
-            logp = transformed_logprobs(head_logits(head, h, backend.head_dtype), config)
-            tok_lp = logp.gather(-1, targets[..., None]).squeeze(-1)
-        else:
-            tok_lp = logprob_fn(h.float(), head, targets, config)
-    m = batch.mask.to(device).bool()
-    tok_lp = torch.where(m, tok_lp, torch.zeros_like(tok_lp))
-    return tok_lp, tok_lp.sum(-1)

@@ -19,20 +19,23 @@ name       divergence                                   f(t)
 p = 0 (so that Σ_x p f(π/p) is defined on targets with zeros). When it is infinite the
 divergence is infinite as soon as π puts mass where p has none; for the *loss*, such
 divergences (``rkl``, ``chi2``, ``alpha`` with α ≥ 1) need a floor on log P (see
-:mod:`fdiv_align.loss`).
+:mod:`fdiv_align.objectives.loss`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from ..registry import Registry
+
 LOG2 = math.log(2.0)
 
 __all__ = [
+    "needs_floor",
+    "floored_log_target",
     "Divergence",
     "ReverseKL",
     "ForwardKL",
@@ -197,14 +200,13 @@ class AlphaDivergence(Divergence):
         return f"AlphaDivergence(alpha={self.alpha})"
 
 
-_REGISTRY: dict[str, Callable[..., Divergence]] = {
-    "rkl": ReverseKL,
-    "fkl": ForwardKL,
-    "js": JensenShannon,
-    "tv": TotalVariation,
-    "alpha": AlphaDivergence,
-    "chi2": ChiSquared,
-}
+_REGISTRY = Registry("divergence", {"rkl": ReverseKL, "fkl": ForwardKL, "js": JensenShannon, "tv": TotalVariation,
+                                     "alpha": AlphaDivergence, "chi2": ChiSquared})
+
+
+def _check_divergence_class(cls) -> None:
+    if not (isinstance(cls, type) and issubclass(cls, Divergence)):
+        raise TypeError(f"register_divergence: expected a Divergence subclass, got {cls!r}")
 
 
 def register_divergence(name: str):
@@ -212,20 +214,12 @@ def register_divergence(name: str):
     ``get_divergence(name, **params)`` and the config (``divergence.name``, ``divergence.params``)
     reach it — a new divergence is one class (f and f′ of log t) plus one YAML under conf/divergence/
     (docs/design.md, "Adding a divergence")."""
-    def add(cls):
-        if not (isinstance(cls, type) and issubclass(cls, Divergence)):
-            raise TypeError(f"register_divergence({name!r}): expected a Divergence subclass, got {cls!r}")
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"divergence {name!r} is already registered ({_REGISTRY[name].__name__})")
-        _REGISTRY[name] = cls
-        return cls
-
-    return add
+    return _REGISTRY.register(name, check=_check_divergence_class)
 
 
 def available_divergences() -> list[str]:
     """Names accepted by :func:`get_divergence`."""
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def get_divergence(name: str | Divergence, **kwargs) -> Divergence:
@@ -234,14 +228,7 @@ def get_divergence(name: str | Divergence, **kwargs) -> Divergence:
         if kwargs:
             raise ValueError(f"get_divergence: got a Divergence object and extra arguments {kwargs}")
         return name
-    if not isinstance(name, str) or name not in _REGISTRY:
-        raise ValueError(
-            f"unknown divergence {name!r}; expected one of {', '.join(available_divergences())}"
-        )
-    try:
-        return _REGISTRY[name](**kwargs)
-    except TypeError as exc:
-        raise ValueError(f"divergence {name!r} does not accept arguments {kwargs}: {exc}") from None
+    return _REGISTRY.build(name, **kwargs)
 
 
 def f_divergence_terms(divergence: str | Divergence, log_pi: torch.Tensor, log_p: torch.Tensor,
@@ -270,3 +257,26 @@ def exact_divergence(divergence: str | Divergence, log_pi: torch.Tensor, log_p: 
     """Σ_x p(x) f(π(x)/p(x)) for two *normalised* distributions given as log-probabilities
     (:func:`f_divergence_terms` summed). Differentiable in ``log_pi``."""
     return f_divergence_terms(divergence, log_pi, log_p).sum()
+
+
+def needs_floor(divergence: Divergence, log_scores: torch.Tensor, floor: float | None, what: str, option: str) -> bool:
+    """Whether ``log_scores`` (log P or log Φ) must be floored for ``divergence``: True when the divergence
+    is infinite where the target is 0 (rkl, chi2, alpha ≥ 1) and some score is −∞; then ``floor`` (the
+    ``option`` the caller names) must be given, else a ValueError says so. The one check of the package."""
+    zero = torch.isneginf(log_scores)
+    if divergence.finite_where_target_is_zero or not zero.any():
+        return False
+    if floor is None:
+        raise ValueError(f"divergence {divergence.name!r} is infinite where the target is 0, and {int(zero.sum())} "
+                         f"sample(s) have {what} = -inf; pass {option} (e.g. -50.0) to treat them as a tiny target "
+                         f"score, or use fkl/js/tv")
+    return True
+
+
+def floored_log_target(log_a: torch.Tensor, log_phi: torch.Tensor, floor: float | None) -> torch.Tensor:
+    """log P_ε = log a + max(log Φ, floor): the target with the scorers' score floored relative to the base
+    (P ≥ e^floor·a), the surrogate target for divergences infinite where P = 0 (``divergence.log_phi_floor``).
+    An absolute floor on log P would rank a violating sequence above a satisfying one whenever log a < floor,
+    as it is for most texts. ``floor=None``: log a + log Φ itself."""
+    return log_a + (log_phi if floor is None else log_phi.clamp_min(float(floor)))
+

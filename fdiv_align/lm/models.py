@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from ..files import atomic_path
 
 __all__ = ["EMBEDDED_MODELS", "LoadedModel", "load_model", "load_configured", "lora_wrap", "tiny_model", "cache_dir", "embedded_model_dir"]
 
@@ -94,13 +94,9 @@ def _materialise(name: str, gguf: Path, target: Path) -> None:
     missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
     if missing or unexpected:
         raise RuntimeError(f"materialising {name}: missing {missing}, unexpected {unexpected}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    fresh.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+    with atomic_path(target, directory=True) as tmp:
+        fresh.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -6,7 +6,7 @@ Reported: alignment (mean ± s.e.), KL(π‖a) (mean of log π − log a ± s.e.
 Self-BLEU-3, and — once every context's Z is known — the IS estimates of KL(p‖π), KL(π‖p), JS, TV and
 the trained divergence (``train_divergence``, from its f) with q = π and the trainer's current Ẑ (each
 with its standard error), and the target p itself (:func:`target_p_record`): IS estimates of its
-alignment, entropy and KL(p‖a), and quasi-rejection samples of p (fdiv_align/qrs.py) with their
+alignment, entropy and KL(p‖a), and quasi-rejection samples of p (fdiv_align/objectives/qrs.py) with their
 acceptance rate and TV bound.
 """
 
@@ -17,12 +17,10 @@ from typing import Callable
 
 import torch
 
-from .distributed import Group
-from .estimators import LogZAccumulator, add_trained_divergence, estimate_divergences
+from ..objectives.estimators import LogZAccumulator, add_trained_divergence, estimate_divergences
+from ..objectives.qrs import choose_log_beta, qrs_accept, qrs_estimates
 from .metrics import distinct_n, self_bleu
-from .qrs import choose_log_beta, qrs_accept, qrs_estimates
-from .sampling import Batch
-from .targets import Target
+from .rollout import Rollout
 
 __all__ = ["Evaluator", "target_p_record", "CONSTRAINT_FIT_SEED_OFFSET", "QRS_SEED_OFFSET"]
 
@@ -44,7 +42,7 @@ def target_p_record(log_pi: torch.Tensor, log_P: torch.Tensor, log_a: torch.Tens
     ``target_kl_a`` = KL(p‖a) = E_p[log P − log a] − log Z_c. Standard errors by the delta method,
     (Σ_i w_i² (f_i − f̂)²)^½ per context (ratio estimates: consistent, biased at small effective sample size).
 
-    QRS (fdiv_align/qrs.py): the first half of the sample is the pilot that fixes, per context,
+    QRS (fdiv_align/objectives/qrs.py): the first half of the sample is the pilot that fixes, per context,
     log β_c = max over its pilot samples of log P/π (a context without a pilot sample in p's support gets
     none, and is counted in ``qrs_contexts_without_pilot``); the second half is accepted with probability
     min(1, P/(β_c π)) (uniforms from ``seed + QRS_SEED_OFFSET``). Accepted samples follow p_β(·|c), with
@@ -91,14 +89,14 @@ def target_p_record(log_pi: torch.Tensor, log_P: torch.Tensor, log_a: torch.Tens
 
 
 class Evaluator:
-    """``sample(context_index, uniforms) -> Batch`` draws from the policy; ``log_a(batch)`` is log a;
-    ``log_P(scores)`` the target log-score the loss uses (floored where configured)."""
+    """The trainer's evaluations. ``collect(context_ids, uniforms, micro_batch_size, proposal=False,
+    score_target=True) -> Rollout`` draws from the current policy and scores, gathered over processes
+    (:meth:`fdiv_align.training.trainer.Trainer.collect_rollout`); ``micro_batch_size`` rows are sampled
+    at a time."""
 
-    def __init__(self, sample: Callable[[torch.Tensor, torch.Tensor], Batch], log_a: Callable[[Batch], torch.Tensor],
-                 target: Target, log_P: Callable, group: Group, num_contexts: int, micro_batch_size: int,
-                 divergence=None, truncated: bool = False):
-        self.sample, self.log_a, self.target, self.log_P = sample, log_a, target, log_P
-        self.group, self.num_contexts, self.micro = group, num_contexts, micro_batch_size
+    def __init__(self, collect: Callable[..., Rollout], num_contexts: int, micro_batch_size: int, divergence=None,
+                 truncated: bool = False):
+        self.collect, self.num_contexts, self.micro = collect, num_contexts, micro_batch_size
         self.divergence = divergence  # the trained divergence, also reported (``train_divergence``)
         #: top-k/top-p sampling: π's support may miss p's, so no target-p estimates (QRS cannot reach p)
         self.truncated = truncated
@@ -110,27 +108,12 @@ class Evaluator:
         g = torch.Generator().manual_seed(seed)
         ctx = torch.arange(M) % self.num_contexts
         U = torch.rand((M, max_new_tokens), generator=g, dtype=torch.float64)
-        sl = self.group.shard(M)
-        batches, log_a, log_P, align = [], [], [], []
-        for i in range(sl.start, sl.stop, self.micro):
-            j = slice(i, min(sl.stop, i + self.micro))
-            b = self.sample(ctx[j], U[j])
-            la = self.log_a(b)
-            scores = self.target.log_scores(b, la)
-            batches.append(b)
-            log_a.append(la)
-            log_P.append(self.log_P(scores))
-            align.append(scores.alignment)
-        gather = self.group.gather
-        log_pi = gather(torch.cat([b.logq.double() for b in batches]))
-        log_a, log_P, align = gather(torch.cat(log_a)), gather(torch.cat(log_P)), gather(torch.cat(align))
-        texts = self.group.gather_list([t for b in batches for t in b.texts])
-        contexts = self.group.gather_list([c for b in batches for c in b.context_texts])
-        lengths = gather(torch.cat([b.mask.sum(-1) for b in batches]))
+        rollout = self.collect(ctx, U, self.micro, proposal=False)
+        log_pi, log_a, log_P, align, texts = rollout.log_pi, rollout.log_a, rollout.log_P, rollout.alignment, rollout.texts
         lz, known = log_z.log_z(ctx)
         record = {"kind": "eval", "alignment": float(align.mean()), "alignment_se": float(align.std() / math.sqrt(M)),
                   "kl_pi_a": float((log_pi - log_a).mean()), "kl_pi_a_se": float((log_pi - log_a).std() / math.sqrt(M)),
-                  "entropy": float(-log_pi.mean()), "entropy_per_token": float(-log_pi.sum() / lengths.sum()),
+                  "entropy": float(-log_pi.mean()), "entropy_per_token": float(-log_pi.sum() / rollout.lengths.sum()),
                   "distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2), "distinct_3": distinct_n(texts, 3),
                   "self_bleu_3": self_bleu(texts, 3), "samples_seen": samples_seen}
         if known.all():
@@ -141,29 +124,21 @@ class Evaluator:
                 if key in est:
                     record[key], record[key + "_se"] = est[key].value, est[key].stderr
         if not self.truncated:
-            record.update(target_p_record(log_pi, log_P, log_a, align.double(), ctx, texts, contexts, seed))
-        return record, {"texts": texts, "contexts": contexts, "alignment": align.tolist()}
+            record.update(target_p_record(log_pi, log_P, log_a, align.double(), ctx, texts, rollout.context_texts, seed))
+        return record, {"texts": texts, "contexts": rollout.context_texts, "alignment": align.tolist()}
 
-    def fit_constraints(self, num_samples: int, seed: int, max_new_tokens: int) -> dict | None:
-        """Fit λ of the target's distributional constraints on ``num_samples`` samples of the initial
-        policy (= the base); None when the target has none."""
-        constraints = self.target.constraints
+    def fit_constraints(self, num_samples: int, seed: int, max_new_tokens: int, constraints) -> dict | None:
+        """Fit λ of the distributional ``constraints`` on ``num_samples`` samples of the initial policy
+        (= the base); None when there are none."""
         if not constraints:
             return None
         g = torch.Generator().manual_seed(seed + CONSTRAINT_FIT_SEED_OFFSET)
         ctx = torch.randint(self.num_contexts, (num_samples,), generator=g)
         U = torch.rand((num_samples, max_new_tokens), generator=g, dtype=torch.float64)
-        texts, contexts, log_a, log_q = [], [], [], []
-        for i in range(0, num_samples, self.micro):
-            sl = slice(i, min(num_samples, i + self.micro))
-            batch = self.sample(ctx[sl], U[sl])
-            texts += batch.texts
-            contexts += batch.context_texts
-            log_a.append(self.log_a(batch))
-            log_q.append(batch.logq.double())
+        rollout = self.collect(ctx, U, self.micro, proposal=False, score_target=False)
         fits = {}
         for c in constraints:
-            fit = c.fit(texts, contexts, torch.cat(log_a), torch.cat(log_q))
+            fit = c.fit(rollout.texts, rollout.context_texts, rollout.log_a, rollout.log_q)
             fits[c.name] = {"lambdas": fit.lambdas.tolist(), "achieved": fit.achieved.tolist(), "targets": fit.targets.tolist(),
                             "iterations": fit.iterations, "ess": fit.ess}
         return fits

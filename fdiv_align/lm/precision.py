@@ -22,9 +22,9 @@ CUDA; otherwise they run eagerly (same values), and the plan says why.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import os
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -32,10 +32,12 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ComputePlan", "PRECISIONS", "compute_plan", "choose_precision", "choose_compile", "cpu_name",
+from ..config import Precision
+from ..files import atomic_write_text
+
+__all__ = ["ComputePlan", "PLAIN", "compute_plan", "choose_precision", "choose_compile", "cpu_name",
            "cpu_bf16_features", "bf16_speedup", "BF16_MIN_SPEEDUP"]
 
-PRECISIONS = ("auto", "fp32", "bf16")
 #: auto picks bf16 on a CPU only when its bf16 GEMM is at least this much faster than fp32
 BF16_MIN_SPEEDUP = 1.3
 #: the probe's GEMM: [M, K] @ [K, N], SmolLM2's MLP up-projection over a scoring batch
@@ -45,23 +47,38 @@ PROBE_BUDGET_S = 1.0
 
 @dataclass(frozen=True)
 class ComputePlan:
-    """The one precision/compile decision every path follows (sampling head, scoring, kernels,
-    LoRA fast path, TRL integration)."""
+    """How log-probabilities are computed — the one object every path follows (sampling, scoring, the
+    surrogate's fused kernel, the LoRA fast path, the TRL integration), decided once per run.
+
+    ``precision``: the transformer body's compute (``bf16``: autocast, :attr:`autocast_dtype`); the output
+    head's GEMMs follow it unless ``fp32_head`` (:attr:`head_dtype`; the logits are fp32 either way, see
+    :func:`fdiv_align.lm.logprobs.head_logits`); ``fused``: the fused lm_head → log-prob kernel for scoring
+    and the surrogate (:mod:`fdiv_align.kernels`), else the plain head + log-softmax; ``compile``: the
+    kernel's elementwise passes through torch.compile (False: eager, same values)."""
 
     precision: str  # "fp32" | "bf16" (resolved)
     precision_reason: str
     compile: bool
     compile_reason: str
     device: str
+    fp32_head: bool = False
+    fused: bool = True
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
         """Compute dtype of the transformer body (None = fp32, no autocast)."""
         return torch.bfloat16 if self.precision == "bf16" else None
 
-    def head_dtype(self, fp32_head: bool = False) -> torch.dtype | None:
+    @property
+    def head_dtype(self) -> torch.dtype | None:
         """GEMM dtype of the output head (None = fp32); fp32 logits either way."""
-        return None if fp32_head else self.autocast_dtype
+        return None if self.fp32_head else self.autocast_dtype
+
+    def autocast(self, device_type: str):
+        """The body's autocast context on ``device_type`` (a no-op in fp32)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type, dtype=self.autocast_dtype)
 
     def describe(self) -> str:
         return (f"precision {self.precision} on {self.device} ({self.precision_reason}); "
@@ -137,18 +154,15 @@ def bf16_speedup(use_cache: bool = True) -> float:
     t16 = _time_gemm(a.bfloat16(), b.bfloat16(), start + PROBE_BUDGET_S)
     speedup = t32 / t16
     if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"speedup": speedup, "fp32_s": t32, "bf16_s": t16, "cpu": cpu_name(),
-                                   "torch": torch.__version__, "threads": torch.get_num_threads()}))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps({"speedup": speedup, "fp32_s": t32, "bf16_s": t16, "cpu": cpu_name(),
+                                            "torch": torch.__version__, "threads": torch.get_num_threads()}))
     return speedup
 
 
 def choose_precision(requested: str, device: torch.device) -> tuple[str, str]:
     """(``fp32`` | ``bf16``, reason) for ``trainer.precision`` = ``requested`` on ``device``."""
-    if requested not in PRECISIONS:
-        raise ValueError(f"trainer.precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
+    if requested not in set(Precision):
+        raise ValueError(f"trainer.precision must be one of {', '.join(Precision)}, got {requested!r}")
     if requested != "auto":
         return requested, f"trainer.precision={requested}"
     if device.type == "cuda":
@@ -197,9 +211,15 @@ def choose_compile(requested: bool | None, device: torch.device) -> tuple[bool, 
     return ok, ("trainer.compile=true; " if requested else "auto: ") + why
 
 
-def compute_plan(precision: str, compile: bool | None, device: torch.device) -> ComputePlan:
-    """The run's :class:`ComputePlan` for ``trainer.precision`` and ``trainer.compile`` on ``device``."""
+def compute_plan(precision: str, compile: bool | None, device: torch.device, fp32_head: bool = False,
+                 fused: bool = True) -> ComputePlan:
+    """The run's :class:`ComputePlan` for ``trainer.precision``, ``trainer.compile``, ``trainer.fp32_head``
+    and ``trainer.fused_logprobs`` on ``device``."""
     chosen, why = choose_precision(precision, device)
     do_compile, compile_why = choose_compile(compile, device)
     where = cpu_name() if device.type == "cpu" else str(device)
-    return ComputePlan(chosen, why, do_compile, compile_why, where)
+    return ComputePlan(chosen, why, do_compile, compile_why, where, fp32_head, fused)
+
+
+#: the plain fp32 path: no autocast, fp32 head GEMMs, unfused scoring — the default of sample/score
+PLAIN = ComputePlan("fp32", "the plain path", False, "unfused: nothing to compile", "any", fp32_head=True, fused=False)

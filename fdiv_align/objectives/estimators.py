@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..registry import Registry
 from .divergences import LOG2, f_divergence_terms, get_divergence
 
 __all__ = [
@@ -238,7 +239,7 @@ def estimate_divergences(
 
 def estimate_f_divergence(divergence, policy_logprobs, proposal_logprobs, target_logscores, log_z) -> Estimate:
     """IS estimate of D_f(π‖p) = E_p[f(π/p)] from samples of q for *any* divergence, from its ``f``
-    alone (:func:`fdiv_align.divergences.f_divergence_terms`), so a newly registered divergence is
+    alone (:func:`fdiv_align.objectives.divergences.f_divergence_terms`), so a newly registered divergence is
     reported too."""
     log_pi = _as_1d("policy_logprobs", policy_logprobs).detach().to(torch.float64)
     log_q = _as_1d("proposal_logprobs", proposal_logprobs).detach().to(torch.float64)
@@ -339,13 +340,18 @@ class LeaveOneOutBaseline(Baseline):
 
     def __call__(self, rewards, weights, context_ids=None):
         n = rewards.numel()
-        idx = torch.zeros(n, dtype=torch.long, device=rewards.device) if context_ids is None else torch.as_tensor(context_ids, device=rewards.device).long()
+        idx = torch.zeros(n, dtype=torch.long, device=rewards.device) if context_ids is None \
+            else torch.as_tensor(context_ids, device=rewards.device).long()
         size = int(idx.max()) + 1
         wr = weights * rewards
         sums = torch.zeros(size, dtype=wr.dtype, device=wr.device).index_add(0, idx, wr)
         counts = torch.zeros(size, dtype=wr.dtype, device=wr.device).index_add(0, idx, torch.ones_like(wr))
         others = counts[idx] - 1
         return torch.where(others > 0, (sums[idx] - wr) / others.clamp_min(1), torch.zeros_like(wr))
+
+
+_BASELINES = Registry("baseline", {"none": NoBaseline, "moving_average": MovingAverageBaseline, "constant": ConstantBaseline,
+                                   "loo": LeaveOneOutBaseline})
 
 
 def get_baseline(name: str | Baseline | None, divergence=None, **kwargs) -> Baseline:
@@ -355,9 +361,6 @@ def get_baseline(name: str | Baseline | None, divergence=None, **kwargs) -> Base
         return NoBaseline()
     if isinstance(name, Baseline):
         return name
-    choices = {"none": NoBaseline, "moving_average": MovingAverageBaseline, "constant": ConstantBaseline, "loo": LeaveOneOutBaseline}
-    if name not in choices:
-        raise ValueError(f"unknown baseline {name!r}; expected one of {', '.join(sorted(choices))}")
     if name == "constant" and "value" not in kwargs:
         div_name = getattr(divergence, "name", divergence)
         if div_name != "fkl":
@@ -365,4 +368,4 @@ def get_baseline(name: str | Baseline | None, divergence=None, **kwargs) -> Base
                 f"baseline 'constant' needs value=…; only for 'fkl' is the exact constant (1) known, got divergence {div_name!r}"
             )
         kwargs["value"] = 1.0
-    return choices[name](**kwargs)
+    return _BASELINES.build(name, **kwargs)

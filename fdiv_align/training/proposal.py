@@ -2,7 +2,8 @@
 policy while sampling, and replaced by the current πθ when πθ is estimated closer to p.
 
 Every ``update_every`` steps, the mean over those steps of the importance-sampled estimates of
-D(p‖πθ) and D(p‖q) — both on q's samples, ``criterion`` = ``fkl`` (KL(p‖·)) or ``tv`` — are
+D(p‖πθ) and D(p‖q) — both on q's samples, ``criterion`` = ``fkl`` (KL(p‖·)) or ``tv``, from
+:func:`fdiv_align.objectives.estimators.estimate_divergences` (the trainer passes them) — are
 compared; q ← πθ when D(p‖πθ) < D(p‖q). On-policy training has no :class:`OffPolicyProposal`.
 """
 
@@ -42,28 +43,23 @@ class OffPolicyProposal:
                 for n, p in self.trainable.items():
                     p.copy_(saved[n])
 
-    def check(self, step: int, log_pi, log_q, log_P, log_z, known, record: dict) -> None:
-        """Accumulate this step's estimates; at every ``update_every``-th step compare and maybe swap."""
-        if known.any():
-            lz = torch.where(known, log_z, torch.zeros_like(log_z))
-            log_v = log_P - lz - log_q  # p/q
-            v = torch.exp(log_v)
-            if self.criterion == "fkl":
-                d_pi = torch.where(v > 0, v * (log_P - lz - log_pi), torch.zeros_like(v)).mean()
-                d_q = torch.where(v > 0, v * log_v, torch.zeros_like(v)).mean()
-            else:
-                d_pi = 0.5 * (torch.exp(log_pi - log_q) - v).abs().mean()
-                d_q = 0.5 * (1 - v).abs().mean()
+    def observe(self, step: int, d_pi: float | None, d_q: float | None) -> dict:
+        """Add this step's estimates of D(p‖πθ) and D(p‖q) (None while Z is unknown); at every
+        ``update_every``-th step compare their means over the window and, when πθ is closer to p,
+        replace q by πθ. Returns the fields of the step's record (``proposal_*``)."""
+        if d_pi is not None:
             self.acc["pi"].append(float(d_pi))
             self.acc["q"].append(float(d_q))
+        fields = {}
         if step % self.update_every == 0 and self.acc["pi"]:
-            d_pi, d_q = np.mean(self.acc["pi"]), np.mean(self.acc["q"])
-            record["proposal_d_pi"], record["proposal_d_q"] = float(d_pi), float(d_q)
-            if d_pi < d_q:
+            mean_pi, mean_q = np.mean(self.acc["pi"]), np.mean(self.acc["q"])
+            fields["proposal_d_pi"], fields["proposal_d_q"] = float(mean_pi), float(mean_q)
+            if mean_pi < mean_q:
                 self.state = self._snapshot()
                 self.updates += 1
             self.acc = {"pi": [], "q": []}
-        record["proposal_updates"] = self.updates
+        fields["proposal_updates"] = self.updates
+        return fields
 
     def state_dict(self) -> dict:
         return {"state": self.state, "acc": self.acc, "updates": self.updates}
