@@ -14,15 +14,14 @@ lets every divergence reach p and the matrix degenerates into ties). Every diver
 tv) is trained on-policy with the same number of samples (steps × batch), leave-one-out baseline,
 Adam(lr), log Ẑ estimated from the samples (rkl on the pointwise target uses log_p_floor = −20). Every cell is exact (enumeration):
 final KL(p‖π), KL(π‖p), JS, TV, alignment (E_π[b] or E_π[r] or E_π[φ]), entropy H(π) and KL(π‖a);
-mean ± standard error over seeds. Partial results are saved per (target, divergence, seed) in
---results, so an interrupted run resumes.
+mean ± standard error over seeds. Each (target, divergence, seed) cell is one line of --results
+(benchmarks/cells.py), written when it completes, so an interrupted run resumes.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import platform
@@ -30,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from cells import CellStore
 
 from fdiv_align.targets import fit_lambda
 from fdiv_align.testing.toy import ToyAR, ToyProblem, exponential_problem, minimise, pointwise_problem, reward_problem
@@ -83,12 +83,11 @@ def main():
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=0.05)
-    ap.add_argument("--results", default="benchmarks/results/toy_tables")
+    ap.add_argument("--results", default="benchmarks/results/toy_tables.jsonl")
     ap.add_argument("--out", default="docs/results/toy_tables.md")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    res_dir = Path(args.results)
-    res_dir.mkdir(parents=True, exist_ok=True)
+    store = CellStore(args.results, key=("problem", "divergence", "seed", "steps", "batch"))
     base = ToyAR(3, 4, seed=1)
     probs = problems(base)
     t0 = time.perf_counter()
@@ -99,16 +98,17 @@ def main():
         for div in DIVS:
             rows = []
             for seed in seeds:
-                cell = res_dir / f"{pname.replace(' ', '_').replace('=', '')}-{div}-seed{seed}-s{args.steps}-b{args.batch}.json"
-                if cell.exists():
-                    rows.append(json.loads(cell.read_text()))
+                key = {"problem": pname, "divergence": div, "seed": seed, "steps": args.steps, "batch": args.batch}
+                cell = store.get(**key)
+                if cell is not None:
+                    rows.append(cell["metrics"])
                     continue
                 floor = -20.0 if (div == "rkl" and pname == "pointwise") else None
                 start = ToyAR(3, 4, seed=100 + seed, scale=0.0, unigram=True)  # uniform i.i.d. tokens
                 result = minimise(problem, div, steps=args.steps, batch_size=args.batch, lr=args.lr, seed=seed,
                                   log_p_floor=floor, measure=(), policy=start)
                 row = exact_metrics(problem, result["policy"], align)
-                cell.write_text(json.dumps(row))
+                store.add({**key, "metrics": row})
                 rows.append(row)
             table[(pname, div)] = {k: [r[k] for r in rows] for k in rows[0]}
             print(pname, div, {k: round(sum(v) / len(v), 4) for k, v in table[(pname, div)].items()})

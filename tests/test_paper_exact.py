@@ -1,4 +1,5 @@
-"""benchmarks/paper_exact.py on a smaller instance (5 words + 4 specials, length 3: 729 sequences).
+"""The exact tasks of benchmarks/paper_exact.py (fdiv_align/testing/exact_tasks.py) on a smaller instance
+(5 words + 4 specials, length 3: 729 sequences).
 
 Its exact metrics must equal brute force — every sequence scored by the library's ``score`` (not the
 prefix trick of ``enumerate_logprobs``), every text scored by the task's scorer one at a time, the
@@ -6,26 +7,23 @@ divergences summed term by term in plain Python — and its runs must be the lib
 """
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import paper_exact as pe  # noqa: E402
-
-from fdiv_align.lm.scoring import score  # noqa: E402
-from fdiv_align.testing.toy import enumerable_lm, enumerate_logprobs, enumeration_batch  # noqa: E402
+from fdiv_align.lm.scoring import score
+from fdiv_align.testing import exact_tasks as pe
+from fdiv_align.testing.toy import enumerable_lm, enumerate_logprobs, enumeration_batch
 
 WORDS = ["red", "blue", "cat", "dog", "runs"]
 LENGTH = 3
+BASE_STEPS = 30
 
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     results = tmp_path_factory.mktemp("paper_exact")
-    return results, pe.base_model(results, WORDS, LENGTH, steps=30)
+    return results, pe.base_model(WORDS, LENGTH, steps=BASE_STEPS, cache=results)
 
 
 def test_prefix_enumeration_equals_scoring_every_sequence():
@@ -72,7 +70,7 @@ def _brute(policy, tokenizer, task, i, context):
 def test_exact_metrics_equal_brute_force(small, name):
     results, lm = small
     task = pe.ExactTask(name, lm, LENGTH, WORDS)
-    policy = pe.base_model(results, WORDS, LENGTH).model  # a fresh copy of the base …
+    policy = pe.base_model(WORDS, LENGTH, BASE_STEPS, cache=results).model  # a fresh copy of the base …
     with torch.no_grad():  # … moved away from a, so that every metric is non-trivial
         for prm in policy.parameters():
             prm.add_(0.05 * torch.randn(prm.shape, generator=torch.Generator().manual_seed(prm.numel())))
@@ -96,8 +94,8 @@ def test_distributional_lambda_is_exact(small):
 
 def test_a_cell_trains_with_the_library_trainer_and_lowers_the_exact_divergence(small):
     results, _ = small
-    row = pe.run_cell(results, "pointwise", "js", seed=0, lr=1e-2, budget=640, curve=(0, 320, 640),
-                      words=WORDS, length=LENGTH)
+    row = pe.run_cell("pointwise", "js", seed=0, lr=1e-2, budget=640, curve=(0, 320, 640), words=WORDS, length=LENGTH,
+                      base_steps=BASE_STEPS, cache=results)
     assert row["trainer"] == "fdiv_align.training.trainer.Trainer"
     assert [c["point"] for c in row["curve"]] == [0, 320, 640] and row["curve"][-1]["samples"] == 640
     first, last = row["curve"][0], row["curve"][-1]
@@ -107,7 +105,7 @@ def test_a_cell_trains_with_the_library_trainer_and_lowers_the_exact_divergence(
 
 def test_qrs_check_recovers_p_with_the_exact_acceptance_rate(small):
     results, _ = small
-    row = pe.qrs_check(results, "pointwise", n_accept=3000, words=WORDS, length=LENGTH)
+    row = pe.qrs_check("pointwise", n_accept=3000, words=WORDS, length=LENGTH, base_steps=BASE_STEPS, cache=results)
     assert row["accepted"] >= 3000
     assert abs(row["acceptance_z"]) < 4  # accepted count vs the exact rate, in binomial standard errors
     assert row["chi2_pvalue"] > 1e-3 and row["chi2_pvalue_vs_base"] < 1e-6  # matches p, and the test can tell p from a

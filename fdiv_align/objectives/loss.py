@@ -66,6 +66,27 @@ def _check_vector(name: str, x, n: int | None = None) -> torch.Tensor:
     return x
 
 
+def _checked_log_values(log_pi_graph, proposal_logprobs, target_logscores, log_z):
+    """(log π, log q, log P, log Z) as detached float64 [N] vectors, or a ValueError naming the bad input."""
+    n = log_pi_graph.numel()
+    log_q = _check_vector("proposal_logprobs", proposal_logprobs, n).detach().to(torch.float64)
+    log_P = _check_vector("target_logscores", target_logscores, n).detach().to(torch.float64)
+    log_pi = log_pi_graph.detach().to(torch.float64)
+    if not torch.isfinite(log_pi).all():
+        raise ValueError("policy_logprobs: must be finite (a sample the policy gives probability 0?)")
+    if not torch.isfinite(log_q).all():
+        raise ValueError("proposal_logprobs: must be finite (q must have produced every sample)")
+    if torch.isposinf(log_P).any():
+        raise ValueError("target_logscores: +inf is not a valid log-score")
+    log_z = torch.as_tensor(log_z, dtype=torch.float64, device=log_pi.device).detach() if not torch.is_tensor(log_z) \
+        else log_z.detach().to(log_pi.device, torch.float64)
+    if log_z.dim() > 1 or (log_z.dim() == 1 and log_z.numel() != n):
+        raise ValueError(f"log_z: expected a scalar or shape [{n}], got {tuple(log_z.shape)}")
+    if not torch.isfinite(log_z).all():
+        raise ValueError(f"log_z must be finite, got {log_z.flatten()[:5].tolist()} (Z unknown? skip that context)")
+    return log_pi, log_q, log_P, log_z.expand(n)
+
+
 def f_dpg_loss(
     policy_logprobs: torch.Tensor,
     proposal_logprobs: torch.Tensor,
@@ -96,23 +117,7 @@ def f_dpg_loss(
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     log_pi_graph = _check_vector("policy_logprobs", policy_logprobs)
     n = log_pi_graph.numel()
-    log_q = _check_vector("proposal_logprobs", proposal_logprobs, n).detach().to(torch.float64)
-    log_P = _check_vector("target_logscores", target_logscores, n).detach().to(torch.float64)
-    log_pi = log_pi_graph.detach().to(torch.float64)
-    if not torch.isfinite(log_pi).all():
-        raise ValueError("policy_logprobs: must be finite (a sample the policy gives probability 0?)")
-    if not torch.isfinite(log_q).all():
-        raise ValueError("proposal_logprobs: must be finite (q must have produced every sample)")
-    if torch.isposinf(log_P).any():
-        raise ValueError("target_logscores: +inf is not a valid log-score")
-    log_z = torch.as_tensor(log_z, dtype=torch.float64, device=log_pi.device).detach() if not torch.is_tensor(log_z) \
-        else log_z.detach().to(log_pi.device, torch.float64)
-    if log_z.dim() > 1 or (log_z.dim() == 1 and log_z.numel() != n):
-        raise ValueError(f"log_z: expected a scalar or shape [{n}], got {tuple(log_z.shape)}")
-    if not torch.isfinite(log_z).all():
-        raise ValueError(f"log_z must be finite, got {log_z.flatten()[:5].tolist()} (Z unknown? skip that context)")
-    log_z = log_z.expand(n)
-
+    log_pi, log_q, log_P, log_z = _checked_log_values(log_pi_graph, proposal_logprobs, target_logscores, log_z)
     if needs_floor(div, log_P, log_p_floor, "log P", "log_p_floor"):
         log_P = log_P.clamp_min(float(log_p_floor))
 

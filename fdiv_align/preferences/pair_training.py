@@ -161,9 +161,7 @@ def train_on_pairs(objective, pairs: list[PreferencePair], training, run_dir: st
 def _train_on_pairs(objective, pairs, training, run_dir: RunDir, config: dict, on_finish, stops) -> dict:
     t0 = time.perf_counter()
     train, heldout = split_pairs(pairs, training.eval_fraction, training.seed)
-    bs = training.batch_size
-    per_epoch = math.ceil(len(train) / bs)
-    total = training.epochs * per_epoch
+    total = training.epochs * math.ceil(len(train) / training.batch_size)
     optimizer = torch.optim.AdamW(objective.parameters, lr=training.lr, weight_decay=training.weight_decay)
     logger = MetricsLogger(run_dir.path, True, None, config)
     step, initial = 0, None
@@ -191,37 +189,21 @@ def _train_on_pairs(objective, pairs, training, run_dir: RunDir, config: dict, o
         bar = tqdm(total=total, initial=step, desc="pairs", dynamic_ncols=True)
     last = None
     while step < total and not stops.requested:
-        epoch, pos = divmod(step, per_epoch)
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(training.seed * 100_003 + epoch)).tolist()
-        chunk = [train[i] for i in order[pos * bs:(pos + 1) * bs]]
-        ts = time.perf_counter()
-        objective.train(True)
-        loss, diffs = objective(chunk)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"step {step + 1}: the pairwise loss is {float(loss)} (parameters not updated)")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(objective.parameters, training.max_grad_norm or math.inf)
-        if not torch.isfinite(grad_norm):
-            raise FloatingPointError(f"step {step + 1}: the gradient norm is {float(grad_norm)} (parameters not updated)")
-        optimizer.step()
+        record = _pair_step(objective, optimizer, train, training, step)
         step += 1
-        acc, _ = pairwise_accuracy(diffs)
-        logger.log(step, {"kind": "train", "loss": float(loss.detach()), "accuracy": acc, "grad_norm": float(grad_norm),
-                          "epoch": epoch, "seconds": time.perf_counter() - ts})
-        if step % per_epoch == 0 or step == total:
+        logger.log(step, record)
+        if step % math.ceil(len(train) / training.batch_size) == 0 or step == total:
             last = _evaluate(objective, heldout, training.eval_batch_size)
             logger.log(step, last)
         if training.checkpoint_every and step % training.checkpoint_every == 0 and step < total:
             save()
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            bar.set_postfix(loss=f"{record['loss']:.3f}")
     if bar is not None:
         bar.close()
     if stops.requested and step < total:
-        path = save()
-        say(f"stopped at step {step}; checkpoint {path}")
+        say(f"stopped at step {step}; checkpoint {save()}")
         logger.close()
         return {"status": "interrupted", "step": step, "signal": int(stops.signum), "saved": True}
     if found is None or found[0] < total:
@@ -237,6 +219,28 @@ def _train_on_pairs(objective, pairs, training, run_dir: RunDir, config: dict, o
     run_dir.write_summary(summary)
     logger.close()
     return summary
+
+
+def _pair_step(objective, optimizer, train: list[PreferencePair], training, step: int) -> dict:
+    """Step ``step + 1``: the batch at position ``step`` of its epoch's permutation (drawn from (seed, epoch)),
+    loss, backward, clipping and the optimiser step; returns the step's record."""
+    per_epoch = math.ceil(len(train) / training.batch_size)
+    epoch, pos = divmod(step, per_epoch)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(training.seed * 100_003 + epoch)).tolist()
+    chunk = [train[i] for i in order[pos * training.batch_size:(pos + 1) * training.batch_size]]
+    started = time.perf_counter()
+    objective.train(True)
+    loss, diffs = objective(chunk)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"step {step + 1}: the pairwise loss is {float(loss)} (parameters not updated)")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(objective.parameters, training.max_grad_norm or math.inf)
+    if not torch.isfinite(grad_norm):
+        raise FloatingPointError(f"step {step + 1}: the gradient norm is {float(grad_norm)} (parameters not updated)")
+    optimizer.step()
+    return {"kind": "train", "loss": float(loss.detach()), "accuracy": pairwise_accuracy(diffs)[0],
+            "grad_norm": float(grad_norm), "epoch": epoch, "seconds": time.perf_counter() - started}
 
 
 def _load_for_pairs(cfg):

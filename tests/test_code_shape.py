@@ -1,0 +1,37 @@
+"""The shape docs/design.md asks of the package: no function longer than 60 lines (its docstring not
+counted), so that each reads on one screen; the exceptions, with the reason, are listed here."""
+
+import ast
+from pathlib import Path
+
+import fdiv_align
+
+ROOT = Path(fdiv_align.__file__).parent
+MAX_LINES = 60
+#: "module:function" → why it is longer
+EXCEPTIONS: dict[str, str] = {}
+
+
+def function_lengths(source: str):
+    """(name, lines of code after the docstring) of every function and method in ``source``."""
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
+                    and isinstance(body[0].value.value, str) and len(body) > 1:
+                body = body[1:]
+            yield node.name, node.end_lineno - body[0].lineno + 1
+
+
+def test_no_function_is_longer_than_a_screen():
+    long = [f"{path.relative_to(ROOT.parent)}:{name} ({n} lines)"
+            for path in sorted(ROOT.rglob("*.py")) for name, n in function_lengths(path.read_text())
+            if n > MAX_LINES and f"{path.relative_to(ROOT.parent).with_suffix('')}:{name}" not in EXCEPTIONS]
+    assert not long, "functions over 60 lines: " + ", ".join(long)
+
+
+def test_the_length_check_skips_the_docstring_only():
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_LINES + 1))
+    doc = '    """' + "\n".join(["doc"] * 30) + '"""\n'
+    assert dict(function_lengths(f"def f():\n{doc}{body}\n"))["f"] == MAX_LINES + 1
+    assert dict(function_lengths(f"def g():\n{doc}    return 1\n"))["g"] == 1
