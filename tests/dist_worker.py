@@ -6,7 +6,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from trainer_helpers import tiny_cfg  # noqa: E402
+from conftest import tiny_cfg  # noqa: E402
 
 from fdiv_align.training.trainer import Trainer  # noqa: E402
 

@@ -12,7 +12,7 @@ stays within 8 units of bf16 round-off (8·2⁻⁸ ≈ 0.031 nats per token).
 
 import pytest
 import torch
-from trainer_helpers import tiny_cfg
+from conftest import tiny_cfg
 
 from fdiv_align import f_dpg_loss
 from fdiv_align.lm.models import tiny_model

@@ -1,5 +1,6 @@
-"""The shape docs/design.md asks of the package: no function longer than 60 lines (its docstring not
-counted), so that each reads on one screen; the exceptions, with the reason, are listed here."""
+"""The shape docs/design.md asks of the code: no function of the package longer than 60 lines (its
+docstring not counted), so that each reads on one screen (the exceptions, with the reason, are listed
+here); tests import the package and tests/ helpers only — never benchmarks/ or another test module."""
 
 import ast
 from pathlib import Path
@@ -35,3 +36,16 @@ def test_the_length_check_skips_the_docstring_only():
     doc = '    """' + "\n".join(["doc"] * 30) + '"""\n'
     assert dict(function_lengths(f"def f():\n{doc}{body}\n"))["f"] == MAX_LINES + 1
     assert dict(function_lengths(f"def g():\n{doc}    return 1\n"))["g"] == 1
+
+
+def test_tests_import_neither_benchmarks_nor_other_test_modules():
+    offenders = []
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{path.name}: imports {n}" for n in names if n.startswith(("test_", "benchmarks"))]
+        if path.name != Path(__file__).name and any("sys.path" in line and "benchmarks" in line
+                                                     for line in path.read_text().splitlines()):
+            offenders.append(f"{path.name}: puts benchmarks/ on sys.path")
+    assert not offenders, offenders

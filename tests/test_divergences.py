@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fdiv_align import available_divergences, exact_divergence, get_divergence
-from tolerances import assert_close64
+from conftest import assert_close64
 
 F64 = torch.float64  # explicit everywhere: no global default-dtype change leaking into other tests
 

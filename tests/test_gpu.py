@@ -8,8 +8,8 @@ uniforms drawn on the CPU — and the same loss up to fp32 round-off).
 
 import pytest
 import torch
-from test_kernels import BUDGETS, SHAPES, grads_of, make, ours, ref
-from trainer_helpers import tiny_cfg
+from conftest import tiny_cfg
+from kernel_cases import BUDGETS, SHAPES, grads_of, make, ours, ref
 
 from fdiv_align.lm.models import tiny_model
 from fdiv_align.training.trainer import Trainer

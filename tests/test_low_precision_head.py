@@ -94,7 +94,7 @@ def test_low_precision_weight_cache_follows_updates_and_autograd():
 
 @pytest.mark.parametrize("fp32_head,expected", [(False, torch.bfloat16), (True, None)])
 def test_trainer_head_dtype_follows_config(tmp_path, fp32_head, expected):
-    from trainer_helpers import tiny_cfg
+    from conftest import tiny_cfg
 
     from fdiv_align.lm.models import tiny_model
     from fdiv_align.training.trainer import Trainer

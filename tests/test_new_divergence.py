@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from trainer_helpers import toy_task
+from conftest import toy_task
 
 from fdiv_align import Divergence, available_divergences, exact_divergence, register_divergence
 from fdiv_align.objectives import divergences

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from trainer_helpers import tiny_cfg
+from conftest import tiny_cfg
 
 from fdiv_align.lm import precision
 from fdiv_align.lm.models import tiny_model

@@ -21,7 +21,7 @@ from fdiv_align.preferences import load_preferences, synthetic_preferences, writ
 from fdiv_align.targets.reward_model import RewardModel, RewardModelError, load_reward_model, save_reward_model
 from fdiv_align.targets.tasks import get_task
 from fdiv_align.training.trainer import Trainer
-from trainer_helpers import tiny_cfg
+from conftest import tiny_cfg
 
 WORDS = [w for w in TINY_WORDS if w not in ("(", ")", ":", ",", ".")]
 

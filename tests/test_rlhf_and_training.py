@@ -3,7 +3,7 @@
 
 import pytest
 import torch
-from tolerances import assert_close64
+from conftest import assert_close64
 
 from fdiv_align import f_dpg_loss, get_divergence
 from fdiv_align.objectives.estimators import LeaveOneOutBaseline

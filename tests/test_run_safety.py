@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_helpers import tiny_cfg
+from conftest import tiny_cfg
 
 import fdiv_align
 from fdiv_align.training.checkpoint import CorruptCheckpointsError, list_checkpoints

@@ -15,7 +15,7 @@ from fdiv_align.config import from_dict, validate
 from fdiv_align.lm.models import tiny_model
 from fdiv_align.testing.toy import enumerable_lm, enumeration_batch, exact_trainer_divergences
 from fdiv_align.training.trainer import Trainer
-from trainer_helpers import tiny_cfg, toy_task
+from conftest import tiny_cfg, toy_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -238,7 +238,7 @@ RECOMPILE_SCRIPT = """
 import sys, json
 sys.path.insert(0, {tests!r})
 import torch
-from trainer_helpers import tiny_cfg
+from conftest import tiny_cfg
 from fdiv_align.training.trainer import Trainer
 cfg = tiny_cfg(trainer={{"steps": 20, "samples_per_step": 6, "micro_batch_size": 6, "eval_every": 0,
                         "checkpoint_every": 0, "compile": True}}, task={{"max_new_tokens": 4}})
