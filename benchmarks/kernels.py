@@ -1,7 +1,7 @@
 """Token log-prob kernels: forward+backward time and peak memory of lm_head → log-prob variants.
 
     python benchmarks/kernels.py [--device cpu|cuda] [--dtype float32|bfloat16] [--repeats 3]
-                                 [--shapes 1024x576x49152,4096x576x49152,...] [--results DIR]
+                                 [--shapes 1024x576x49152,4096x576x49152,...] [--results FILE.jsonl]
 
 Variants (all compute per-token log π(y|h) = log softmax(h Wᵀ)[y] and backprop a random upstream
 gradient into h and W):
@@ -16,8 +16,8 @@ gradient into h and W):
 Time: one process, variants interleaved within each repeat, median of repeats. Memory: each variant
 in its own subprocess, peak RSS (VmHWM, reset after a warm-up) minus the RSS with the inputs and their
 gradients allocated (CPU) or the
-CUDA allocator's peak minus the inputs (GPU). Every finished cell is saved to --results as JSON, so
-an interrupted run resumes where it stopped. Writes docs/results/kernels.md (or --out).
+CUDA allocator's peak minus the inputs (GPU). Every finished cell is one line of --results
+(benchmarks/cells.py), so an interrupted run resumes where it stopped. Writes docs/results/kernels.md (or --out).
 """
 
 from __future__ import annotations
@@ -35,10 +35,14 @@ import time
 from pathlib import Path
 
 import torch
+from cells import CellStore
 
 VARIANTS = ["naive", "trl", "compiled", "ours", "ours_fwdgrad", "matmul"]
 DEFAULT_SHAPES = "1024x576x49152,4096x576x49152,16384x576x49152,1024x2048x128256,4096x2048x128256"
 
+
+#: a cell: one shape on one device and dtype
+CELL_KEY = ("device", "dtype", "N", "H", "V")
 
 def make_inputs(N, H, V, device, dtype, seed=0):
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -149,7 +153,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--shapes", default=DEFAULT_SHAPES)
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--results", default="benchmarks/results/kernels")
+    ap.add_argument("--results", default="benchmarks/results/kernels.jsonl")
     ap.add_argument("--out", default=None)
     ap.add_argument("--memory-budget-gib", type=float, default=16.0)
     ap.add_argument("--memory-cell", default=None, help=argparse.SUPPRESS)
@@ -162,14 +166,12 @@ def main():
         print(json.dumps({"peak_mib": mib}))
         return
 
-    results = Path(args.results) / f"{args.device}-{args.dtype}"
-    results.mkdir(parents=True, exist_ok=True)
+    store = CellStore(args.results, CELL_KEY)
     variants = args.variants.split(",")
     for shape in args.shapes.split(","):
         N, H, V = (int(x) for x in shape.split("x"))
-        cell = results / f"{N}x{H}x{V}.json"
-        if cell.exists():
-            print(f"[skip] {cell} exists")
+        if store.get(device=args.device, dtype=args.dtype, N=N, H=H, V=V) is not None:
+            print(f"[skip] {args.device} {args.dtype} {shape} is in {args.results}")
             continue
         active = [v for v in variants if fits(v, N, V, args.memory_budget_gib)]
         times = {v: [] for v in active}
@@ -189,19 +191,20 @@ def main():
             out = subprocess.run([sys.executable, __file__, "--memory-cell", f"{v},{N},{H},{V}", "--device", args.device,
                                   "--dtype", args.dtype], capture_output=True, text=True)
             memory[v] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"] if out.returncode == 0 else None
-        row = {"N": N, "H": H, "V": V, "median_s": {v: statistics.median(t) for v, t in times.items()},
+        row = {"device": args.device, "dtype": args.dtype, "N": N, "H": H, "V": V,
+               "median_s": {v: statistics.median(t) for v, t in times.items()},
                "times": times, "repeats": args.repeats, "peak_mib": memory, "skipped": [v for v in variants if v not in active]}
-        cell.write_text(json.dumps(row, indent=1))
+        store.add(row)
         print(json.dumps({"shape": shape, "median_s": row["median_s"], "peak_mib": memory}))
 
-    write_table(results, args)
+    write_table(store, args)
 
 
-def write_table(results: Path, args):
-    rows = [json.loads(p.read_text()) for p in sorted(results.glob("*.json"), key=lambda p: [int(x) for x in p.stem.split("x")])]
+def write_table(store: CellStore, args):
+    rows = sorted(store.rows(device=args.device, dtype=args.dtype), key=lambda r: (r["N"], r["H"], r["V"]))
     lines = [f"## {args.device.upper()} {args.dtype}", "",
              f"Command: `python benchmarks/kernels.py --device {args.device} --dtype {args.dtype} --repeats R --shapes NxHxV,...` "
-             "(R per row below; cells are cached in benchmarks/results/kernels, delete one to re-measure it) — "
+             "(R per row below; cells are kept in benchmarks/results/kernels.jsonl, delete a line to re-measure it) — "
              f"{datetime.date.today().isoformat()}, {platform.machine()} {platform.processor() or ''} "
              f"{os.cpu_count()} cores, torch {torch.__version__}"
              + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""), "",

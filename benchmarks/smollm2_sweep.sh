@@ -6,16 +6,16 @@
 # model once. Extra arguments go to every run (e.g. model.device=cuda WORKERS=1 on a GPU).
 # WORKERS processes run side by side (default 2, each with nproc/WORKERS torch threads), the
 # (task, divergence) cells dealt out between them round-robin. Run directories (checkpoints, samples,
-# logs) go to $SWEEP (default runs/smollm2, outside the source tree); the compact results the report needs (summary.json,
-# metrics.jsonl, .hydra/config.yaml) are copied to benchmarks/results/smollm2/, from which
-# docs/results/smollm2.md and its plots are made.
+# logs) go to $SWEEP (default runs/smollm2, outside the source tree); what the report reads of them (summary,
+# evaluation records, config: `fdiv-align-report --export`) is kept in benchmarks/results/smollm2.jsonl, from
+# which docs/results/smollm2.md and its plots are made.
 # Resumable: rerunning skips finished runs (summary.json) and resumes unfinished ones from checkpoints.
 #   bash benchmarks/smollm2_sweep.sh            # sweep, keep results, report
 #   REPORT_ONLY=1 bash benchmarks/smollm2_sweep.sh   # regenerate the report from the kept results
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SWEEP=${SWEEP:-runs/smollm2}
-RESULTS=benchmarks/results/smollm2
+RESULTS=benchmarks/results/smollm2.jsonl
 TASKS=${TASKS:-amazing,code_compiles,female,science,sentiment}
 WORKERS=${WORKERS:-2}
 THREADS=$(( $(nproc) / WORKERS )); [ "$THREADS" -ge 1 ] || THREADS=1
@@ -41,13 +41,7 @@ if [ -z "${REPORT_ONLY:-}" ]; then
     ) > "$SWEEP/worker$w.log" 2>&1 &
   done
   wait
-  for run in "$SWEEP"/*/; do
-    [ -f "$run/summary.json" ] || continue
-    dest="$RESULTS/$(basename "$run")"
-    mkdir -p "$dest/.hydra"
-    cp "$run/summary.json" "$run/metrics.jsonl" "$dest/"
-    cp "$run/.hydra/config.yaml" "$dest/.hydra/"
-  done
+  fdiv-align-report "$SWEEP" --export "$RESULTS" > /dev/null
 fi
 fdiv-align-report "$RESULTS" --title "SmolLM2-135M-Instruct: divergence × task (CPU scale)" \
   --preamble benchmarks/smollm2_notes.md --out docs/results/smollm2.md --plots docs/results/plots/smollm2

@@ -14,15 +14,14 @@ interleaved across ``--rounds`` rounds; the first step of each block is a warm-u
 step and samples per second; ratio ours/TRL-bf16; model-FLOPs utilisation (counted FLOPs of our
 step ÷ time ÷ the bf16 and fp32 matmul peaks measured by this script on a 2048² GEMM). Step
 breakdown (sampling / scoring / update) comes from the trainer's own per-step timings; ``--profile``
-adds a torch.profiler table of one of our steps. Each finished block is saved (JSON) in
---results, so an interrupted run resumes.
+adds a torch.profiler table of one of our steps. Each finished block is one line of --results
+(benchmarks/cells.py), so an interrupted run resumes.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -33,11 +32,16 @@ import time
 from pathlib import Path
 
 import torch
+from cells import CellStore
 
 PROMPT = "Here is what I think about the new movie:"
 BETA = 0.1
 SAMPLES = 32
 NEW_TOKENS = 40
+
+
+#: a block: its variant, round and steps per block
+CELL_KEY = ("variant", "round", "steps_per_block")
 
 
 def matmul_peak(dtype, n=2048, repeats=5) -> float:
@@ -131,8 +135,8 @@ def trl_block(steps: int, bf16: bool):
     return times
 
 
-def run_block(v: str, cell: Path, steps_per_block: int, profile: bool) -> None:
-    """One block of one variant (first step a warm-up, not timed), saved to ``cell``."""
+def run_block(v: str, results: str, rnd: int, steps_per_block: int, profile: bool) -> None:
+    """One block of one variant (first step a warm-up, not timed), appended to the ``results`` store."""
     t0 = time.perf_counter()
     if v.startswith("ours"):
         times, records, flops, prof = ours_block(steps_per_block + 1, "bf16" if v == "ours_bf16" else "fp32",
@@ -144,7 +148,7 @@ def run_block(v: str, cell: Path, steps_per_block: int, profile: bool) -> None:
     else:
         data = {"times": trl_block(steps_per_block + 1, bf16=(v == "trl_bf16"))[1:]}
     data["wall"] = time.perf_counter() - t0
-    cell.write_text(json.dumps(data))
+    CellStore(results, CELL_KEY).add({"variant": v, "round": rnd, "steps_per_block": steps_per_block, **data})
 
 
 def main():
@@ -153,38 +157,36 @@ def main():
     ap.add_argument("--steps-per-block", type=int, default=3)
     ap.add_argument("--variants", default="ours_fp32,ours_bf16,trl_bf16,trl_fp32")
     ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--results", default="benchmarks/results/step_time")
+    ap.add_argument("--results", default="benchmarks/results/step_time.jsonl")
     ap.add_argument("--out", default="docs/results/step_time.md")
     ap.add_argument("--run-block", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--cell", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(os.cpu_count() or 1)
     if args.run_block:
-        run_block(args.run_block, Path(args.cell), args.steps_per_block, args.profile)
+        run_block(args.run_block, args.results, args.round, args.steps_per_block, args.profile)
         return
-    res = Path(args.results)
-    res.mkdir(parents=True, exist_ok=True)
     variants = args.variants.split(",")
     peaks = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
     print(f"matmul peak (2048² GEMM): bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s, fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s")
     for rnd in range(args.rounds):
         for v in variants:
-            cell = res / f"{v}-round{rnd}-k{args.steps_per_block}.json"
-            if cell.exists():
+            if CellStore(args.results, CELL_KEY).get(variant=v, round=rnd, steps_per_block=args.steps_per_block):
                 continue
             # each block in a fresh process: no allocator, thread-pool or compile-cache state carried
             # from one trainer to the next (in one long process our bf16 block measured 7.4 s after
             # our fp32 block and 8.4 s after the TRL blocks)
-            cmd = [sys.executable, __file__, "--run-block", v, "--cell", str(cell), "--steps-per-block",
-                   str(args.steps_per_block)] + (["--profile"] if args.profile and rnd == 0 else [])
+            cmd = [sys.executable, __file__, "--run-block", v, "--results", args.results, "--round", str(rnd),
+                   "--steps-per-block", str(args.steps_per_block)] + (["--profile"] if args.profile and rnd == 0 else [])
             subprocess.run(cmd, check=True)
-            print(v, f"round {rnd}:", [round(t, 2) for t in json.loads(cell.read_text())["times"]], flush=True)
+            done = CellStore(args.results, CELL_KEY).get(variant=v, round=rnd, steps_per_block=args.steps_per_block)
+            print(v, f"round {rnd}:", [round(t, 2) for t in done["times"]], flush=True)
     rows = {}
+    store = CellStore(args.results, CELL_KEY)
     for v in variants:
         times, extra = [], {}
-        for cell in sorted(res.glob(f"{v}-round*-k{args.steps_per_block}.json")):
-            d = json.loads(cell.read_text())
+        for d in sorted(store.rows(variant=v, steps_per_block=args.steps_per_block), key=lambda d: d["round"]):
             times += d["times"]
             extra = {**d, "profile": d.get("profile") or extra.get("profile")}
         rows[v] = (statistics.median(times), len(times), extra)

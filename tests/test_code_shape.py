@@ -1,6 +1,7 @@
 """The shape docs/design.md asks of the code: no function of the package longer than 60 lines (its
 docstring not counted), so that each reads on one screen (the exceptions, with the reason, are listed
-here); tests import the package and tests/ helpers only — never benchmarks/ or another test module."""
+here); tests import the package and tests/ helpers only — never benchmarks/ or another test module;
+the index of the result pages is the generated one."""
 
 import ast
 from pathlib import Path
@@ -49,3 +50,13 @@ def test_tests_import_neither_benchmarks_nor_other_test_modules():
                                                      for line in path.read_text().splitlines()):
             offenders.append(f"{path.name}: puts benchmarks/ on sys.path")
     assert not offenders, offenders
+
+
+def test_the_results_index_is_the_generated_one():
+    """docs/results/README.md is generated from the pages (benchmarks/results_index.py): it cannot drift."""
+    import subprocess
+    import sys
+
+    script = ROOT.parent / "benchmarks" / "results_index.py"
+    done = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

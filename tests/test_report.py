@@ -4,7 +4,7 @@ pooled over the runs that aim at p itself (not at a floored p_ε)."""
 import json
 import math
 
-from fdiv_align.report import load_run, tables, target_row
+from fdiv_align.report import export_runs, load_run, load_runs, tables, target_row
 
 
 def _final(alignments, texts, kl_a, entropy):
@@ -54,3 +54,16 @@ def test_separable_cells_need_a_difference_beyond_two_standard_errors():
     assert separable_cells(values) == {"a", "b"}  # d (se 0.058) is within 2 s.e. of both
     assert separable_cells({"a": [0.99, 1.0, 1.01], "b": [1.0, 1.01, 1.02]}) == set()  # Δ 0.01 < 2·0.0082
     assert separable_cells({"a": [1.0, float("inf")], "b": [0.0, 0.1]}) == set()  # an infinite value: no claim
+
+
+def test_the_compact_runs_file_gives_the_same_tables_as_the_run_directories(tmp_path):
+    base = {"alignment": 0.125, "kl_pi_a": 0.0, "entropy": 9.0}
+    _write(tmp_path / "sweep", "base", 0, "rkl", -10.0, base, base=base)
+    _write(tmp_path / "sweep", "fkl0", 5, "fkl", None, _final([1.0, 0.0, 1.0], ["a b", "c d", "a b"], 2.0, 7.0))
+    _write(tmp_path / "sweep", "fkl1", 5, "fkl", None, _final([0.0], ["e f"], 4.0, 9.0), seed=1)
+    (tmp_path / "sweep" / "fkl1" / "metrics.jsonl").write_text(json.dumps({"kind": "eval", "step": 5, "alignment": 0.5}) + "\n")
+    from_dirs = load_runs([str(tmp_path / "sweep")])
+    export_runs(from_dirs, tmp_path / "runs.jsonl")
+    from_file = load_runs([str(tmp_path / "runs.jsonl")])
+    assert [r["dir"].name for r in from_file] == ["base", "fkl0", "fkl1"] and from_file[2]["evals"][0]["alignment"] == 0.5
+    assert tables(from_file) == tables(from_dirs) and "fkl" in tables(from_file)
