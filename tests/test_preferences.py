@@ -1,4 +1,4 @@
-"""Preference data (fdiv_align/preferences.py) and the Bradley–Terry loss: clear errors on bad rows,
+"""Preference data (fdiv_align/preferences/data.py) and the Bradley–Terry loss: clear errors on bad rows,
 atomic writes, Bradley–Terry labelling at the right rate, and the MLE recovering a known reward."""
 
 import json
