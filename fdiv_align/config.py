@@ -1,6 +1,6 @@
 """Structured configs (dataclasses) of the trainer and the Hydra CLI.
 
-Each dataclass maps one-to-one to a Hydra config group under ``conf/`` (``model``, ``divergence``,
+Each dataclass maps one-to-one to a Hydra config group under ``fdiv_align/conf/`` (``model``, ``divergence``,
 ``task``, ``trainer``, ``logger``). They are registered in Hydra's ConfigStore as the schema of
 the root config, so that an unknown key — in a YAML file or on the command line — fails at
 start with a message naming it. :func:`from_dict` gives the same check without Hydra.
@@ -117,7 +117,7 @@ class TaskConfig:
     name: str = "sentiment"  # amazing | science | sentiment | female | code_compiles
     #: keyword arguments of the task's builder, checked by the task registry (get_task): sentiment
     #: {beta: 0.1} (P = a·exp(r/β)), female {target: 0.5} (target moment), code_compiles {num_contexts: 64}
-    params: dict = field(default_factory=dict)  # {} = the builder's defaults (conf/task/*.yaml state them)
+    params: dict = field(default_factory=dict)  # {} = the builder's defaults (fdiv_align/conf/task/*.yaml state them)
     contexts: Optional[str] = None  # a text/JSONL file of contexts overriding the task's own
     max_new_tokens: Optional[int] = None  # override the task's length
     constraint_fit_samples: int = 512  # distributional tasks: proposal samples used to fit λ

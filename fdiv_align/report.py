@@ -24,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from .extras import require
 from .files import atomic_write_text
 
 COLUMNS = [("kl_p_pi", "KL(p‖π)"), ("kl_pi_p", "KL(π‖p)"), ("js", "JS"), ("tv", "TV"), ("alignment", "alignment"),
@@ -233,6 +234,7 @@ def _finish(fig, ax, xlabel, ylabel, title, path: Path) -> Path:
 
 
 def plots(runs: list[dict], out_dir: Path) -> list[Path]:
+    require("plots", "fdiv-align-report --plots")
     import matplotlib
 
     matplotlib.use("Agg")

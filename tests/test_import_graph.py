@@ -73,7 +73,7 @@ def test_kernels_import_nothing_else_of_the_package():
 
 #: bottom to top; a module may import its own layer and the layers below, never one above
 LAYERS = [
-    ("fdiv_align.kernels", "fdiv_align.config", "fdiv_align.files", "fdiv_align.registry"),
+    ("fdiv_align.kernels", "fdiv_align.config", "fdiv_align.files", "fdiv_align.registry", "fdiv_align.extras"),
     ("fdiv_align.objectives",),
     ("fdiv_align.lm",),
     ("fdiv_align.targets",),

@@ -161,14 +161,14 @@ def test_offline_f_dpo_learns_the_preference_on_held_out_pairs(prefs, tmp_path, 
     final = summary["final"]
     assert summary["initial"]["heldout_accuracy"] == 0.5  # π = π_ref: every implicit-reward margin is 0
     assert final["heldout_accuracy"] - 0.5 > 3 * final["heldout_accuracy_se"], final
-    assert (tmp_path / divergence / "adapter" / "adapter_config.json").exists()
+    assert (tmp_path / divergence / "final_model" / "adapter_config.json").exists()
     cfg.divergence.name = "tv"
     with pytest.raises(ValueError, match=r"f-DPO needs f′\(t\) → −∞ as t → 0; TotalVariation"):
         run_preference_opt(cfg, tmp_path / "tv")
 
 
 def test_cli_entry_points_train_and_reject_unknown_keys(prefs, tmp_path):
-    """``fdiv-align-rm`` (Hydra, conf/reward_model.yaml) writes the reward model; a misspelt key fails at
+    """``fdiv-align-rm`` (Hydra, fdiv_align/conf/reward_model.yaml) writes the reward model; a misspelt key fails at
     start naming it; ``fdiv-align`` with ``task=reward_model`` and no path says what is missing."""
     import subprocess
     import sys

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..extras import require
 from ..files import atomic_path
 
 __all__ = ["EMBEDDED_MODELS", "LoadedModel", "load_model", "load_configured", "lora_wrap", "tiny_model", "cache_dir", "embedded_model_dir"]
@@ -141,6 +142,7 @@ def load_model(name_or_path: str, dtype="float32", quantization: str | None = No
         path = name_or_path  # hub id
     kwargs = {"dtype": dtype}
     if quantization is not None:
+        require("quant", f"model.quantization={quantization}")
         from transformers import BitsAndBytesConfig
 
         if quantization == "4bit":

@@ -17,6 +17,8 @@ them, and scoring with the same config uses the same function. Pure ancestral sa
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from .batch import Batch, decode, encode_contexts, make_batch, pad_rows
@@ -111,6 +113,17 @@ def _draw_step(logits: torch.Tensor, u: torch.Tensor, config: SamplingConfig) ->
     return tok, torch.log(z.gather(1, tok[:, None]).squeeze(1)) - torch.log(z.sum(-1))
 
 
+def kv_cache_argument(backbone) -> str:
+    """The decoder's keyword for a KV cache: ``cache`` in current transformers (``past_key_values`` is
+    deprecated there), ``past_key_values`` in releases before the rename."""
+    return "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+
+
+def kv_cache(out):
+    """The KV cache of a decoder's output (``cache``, or ``past_key_values`` before the rename)."""
+    return out["cache"] if "cache" in out else out["past_key_values"]
+
+
 def _prefill_unique(backbone, context_index, ids, attn, pos):
     """Run the prompt through the model once per distinct context (rows of one context are identical,
     padding included) and give every row its context's KV cache (``Cache.reorder_cache``) and last
@@ -121,10 +134,11 @@ def _prefill_unique(backbone, context_index, ids, attn, pos):
     first = torch.full((len(uniq),), ids.shape[0], dtype=torch.long, device=ids.device)
     first = first.scatter_reduce(0, inverse, torch.arange(ids.shape[0], device=ids.device), reduce="amin")
     out = backbone(input_ids=ids[first], attention_mask=attn[first], position_ids=pos[first], use_cache=True)
-    if not hasattr(out.past_key_values, "reorder_cache"):
-        raise TypeError(f"{type(backbone).__name__} returned a {type(out.past_key_values).__name__} KV cache; "
+    cache = kv_cache(out)
+    if not hasattr(cache, "reorder_cache"):
+        raise TypeError(f"{type(backbone).__name__} returned a {type(cache).__name__} KV cache; "
                         "sampling needs a transformers Cache (with reorder_cache)")
-    out.past_key_values.reorder_cache(inverse)  # index_select over the batch: row i gets its context's keys/values
+    cache.reorder_cache(inverse)  # index_select over the batch: row i gets its context's keys/values
     out.last_hidden_state = out.last_hidden_state[inverse]
     return out
 
@@ -140,6 +154,7 @@ def _decode_loop(model, tokenizer, context_index, ids, attn, uniforms, config, s
     token_logq = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     backbone, head = backbone_and_head(model)
+    cache_kwarg = kv_cache_argument(backbone)
     out = _prefill_unique(backbone, context_index, ids, attn, pos)
     last_pos = pos[:, -1:]
     width = max_new_tokens
@@ -160,6 +175,6 @@ def _decode_loop(model, tokenizer, context_index, ids, attn, uniforms, config, s
             break
         attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], dim=1)
         last_pos = last_pos + 1
-        out = backbone(input_ids=tokens[:, t:t + 1], attention_mask=attn, position_ids=last_pos,
-                       past_key_values=out.past_key_values, use_cache=True)
+        out = backbone(input_ids=tokens[:, t:t + 1], attention_mask=attn, position_ids=last_pos, use_cache=True,
+                       **{cache_kwarg: kv_cache(out)})
     return tokens[:, :width], mask[:, :width], token_logq[:, :width]

@@ -212,7 +212,7 @@ def _check_divergence_class(cls) -> None:
 def register_divergence(name: str):
     """Class decorator adding a :class:`Divergence` subclass to the registry under ``name``, so that
     ``get_divergence(name, **params)`` and the config (``divergence.name``, ``divergence.params``)
-    reach it — a new divergence is one class (f and f′ of log t) plus one YAML under conf/divergence/
+    reach it — a new divergence is one class (f and f′ of log t) plus one YAML under fdiv_align/conf/divergence/
     (docs/design.md, "Adding a divergence")."""
     return _REGISTRY.register(name, check=_check_divergence_class)
 

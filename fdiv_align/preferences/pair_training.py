@@ -31,7 +31,6 @@ from pathlib import Path
 import torch
 
 from ..lm.batch import make_batch
-from ..files import atomic_path
 from ..training.interrupts import stop_requests
 from ..training.metrics import MetricsLogger, say
 from ..training.run_dir import RunDir
@@ -39,10 +38,8 @@ from ..objectives.preference_loss import bradley_terry_loss, check_f_dpo_diverge
 from .data import PreferencePair
 
 __all__ = ["RewardModelObjective", "FDPOObjective", "split_pairs", "pairwise_accuracy", "train_on_pairs",
-           "run_reward_model", "run_preference_opt", "ADAPTER_DIR"]
+           "run_reward_model", "run_preference_opt"]
 
-#: the f-DPO run's trained LoRA adapter (PEFT's format: ``PeftModel.from_pretrained(base, <run>/adapter)``)
-ADAPTER_DIR = "adapter"
 
 #: the held-out split is drawn from seed ``training.seed + SPLIT_SEED_OFFSET``
 SPLIT_SEED_OFFSET = 4242
@@ -281,8 +278,10 @@ def run_reward_model(cfg, run_dir: str | os.PathLike) -> dict:
 
 def run_preference_opt(cfg, run_dir: str | os.PathLike) -> dict:
     """``fdiv-align-po``: offline f-DPO (:class:`fdiv_align.config.PreferenceOptConfig`); the trained LoRA
-    adapter is saved in ``<run_dir>/adapter`` (renamed into place once complete)."""
+    adapter is saved in ``<run_dir>/final_model`` (fdiv_align/lm/export.py: PEFT's format with the tokenizer and
+    a generation config, renamed into place once complete)."""
     from ..config import to_dict
+    from ..lm.export import FINAL_MODEL_DIR, save_final_model
     from ..objectives.divergences import get_divergence
     from ..lm.policy import prepare_policy
     from ..lm.precision import compute_plan
@@ -293,9 +292,7 @@ def run_preference_opt(cfg, run_dir: str | os.PathLike) -> dict:
     policy = prepare_policy(cfg.model, lm, device, compute_plan("fp32", None, device), SamplingConfig())
 
     def finish(run_dir: Path, summary: dict) -> None:
-        with atomic_path(run_dir / ADAPTER_DIR, directory=True) as tmp:
-            policy.model.save_pretrained(tmp)
-        summary["adapter"] = str(run_dir / ADAPTER_DIR)
+        summary["final_model"] = str(save_final_model(policy, run_dir / FINAL_MODEL_DIR))
 
     return train_on_pairs(FDPOObjective(policy, divergence, cfg.beta), pairs, cfg.training, run_dir, to_dict(cfg), finish,
-                          artifacts=(ADAPTER_DIR,))
+                          artifacts=(FINAL_MODEL_DIR,))

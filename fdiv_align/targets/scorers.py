@@ -20,6 +20,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..extras import require
+
 __all__ = ["Scorer", "ProductScorer", "BooleanScorer", "WordPresent", "AnyWord", "RegexMatch", "CompilesAsPython",
            "RewardScorer", "VaderSentiment", "ClassifierReward", "ProbabilityScorer", "ScorerError"]
 
@@ -214,6 +216,7 @@ class VaderSentiment(RewardScorer):
     """r = VADER compound sentiment score ∈ [−1, 1] (lexicon shipped in ``vadersentiment``)."""
 
     def __init__(self, beta: float = 0.1):
+        require("tasks", "the VADER sentiment scorer (task sentiment)")
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
         analyzer = SentimentIntensityAnalyzer()

@@ -9,6 +9,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from ..extras import require
+
 __all__ = ["distinct_n", "self_bleu", "MetricsLogger", "say"]
 
 
@@ -61,6 +63,7 @@ class MetricsLogger:
         self.jsonl = jsonl
         self.wandb = None
         if wandb_cfg is not None and wandb_cfg.wandb:
+            require("wandb", "logger.wandb=true")
             import wandb
 
             self.wandb = wandb.init(project=wandb_cfg.wandb_project, mode=wandb_cfg.wandb_mode, dir=str(self.run_dir),

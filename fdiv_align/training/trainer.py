@@ -33,6 +33,8 @@ import numpy as np
 import torch
 
 from ..config import Config, to_dict, validate
+from ..extras import require
+from ..lm.export import FINAL_MODEL_DIR, save_final_model
 from ..lm.logprobs import SamplingConfig
 from ..lm.models import LoadedModel, load_configured, resolve_device
 from ..lm.policy import prepare_policy
@@ -103,6 +105,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, lm: LoadedModel | None = None, task: Task | None = None,
                  output_dir: str | os.PathLike | None = None, callbacks=()):
+        require("train", "fdiv_align.Trainer")
         self.cfg = cfg
         tc = cfg.trainer
         validate(cfg)
@@ -122,7 +125,7 @@ class Trainer:
         self.group = process_group()
         self.rank = self.group.rank
         self.output_dir = Path(output_dir or cfg.output_dir or Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-        self.run_dir = RunDir(self.output_dir, writer=self.rank == 0)
+        self.run_dir = RunDir(self.output_dir, writer=self.rank == 0, artifacts=(FINAL_MODEL_DIR,))
         self.callbacks = list(callbacks)
 
         self.device = resolve_device(cfg.model.device)
@@ -173,6 +176,7 @@ class Trainer:
         tc = self.cfg.trainer
         params = list(self.policy.trainable.values())
         if tc.optimizer == "adamw8bit":
+            require("quant", "trainer.optimizer=adamw8bit")
             try:
                 import bitsandbytes as bnb
 
@@ -211,11 +215,11 @@ class Trainer:
         at once), score them (log a; log P and alignment unless ``score_target`` is false) and gather the
         per-sample vectors of all processes."""
         shard = self.group.shard(len(context_ids))
-        step = micro_batch_size or max(1, shard.stop - shard.start)
+        piece = micro_batch_size or max(1, shard.stop - shard.start)
         batches, log_a, log_P, alignment = [], [], [], []
         seconds_sample = seconds_score = 0.0
-        for start in range(shard.start, shard.stop, step):
-            rows = slice(start, min(shard.stop, start + step))
+        for start in range(shard.start, shard.stop, piece):
+            rows = slice(start, min(shard.stop, start + piece))
             t0 = time.perf_counter()
             batch = self._sample(context_ids[rows], uniforms[rows], proposal=proposal)
             t1 = time.perf_counter()
@@ -477,11 +481,12 @@ class Trainer:
                 bar.close()
 
     def _finish(self, fits: dict | None, t_start: float) -> dict:
-        """The final evaluation and checkpoint, then summary.json."""
+        """The final evaluation, checkpoint and model (``final_model/``: fdiv_align/lm/export.py), then summary.json."""
         tc = self.cfg.trainer
         final = self._evaluate_and_log() if tc.steps > 0 else self.state.base_eval
         if tc.checkpoint_every:
             self.save()
+        final_model = save_final_model(self.policy, self.run_dir.path / FINAL_MODEL_DIR) if self.rank == 0 else None
         _, known = self.loss_fn.log_z.log_z(torch.arange(self.loss_fn.log_z.num_contexts))
         warnings = []
         if tc.steps > 0 and not known.any():
@@ -493,6 +498,7 @@ class Trainer:
                    "divergence": self.divergence.name, "task": self.task.name, "model": self.cfg.model.name,
                    "lora": self.policy.use_lora, "seed": tc.seed, "base": self.state.base_eval, "final": final,
                    "constraint_fit": fits, "compute": self.plan.as_dict(), "warnings": warnings,
+                   "final_model": None if final_model is None else str(final_model),
                    "config": to_dict(self.cfg), "wall_seconds_this_run": time.perf_counter() - t_start}
         self.run_dir.write_summary(summary)
         self._close()
