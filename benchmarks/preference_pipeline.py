@@ -123,7 +123,7 @@ def evaluate(work: Path) -> dict:
         texts[f"f-DPG {div} (reward model target)"] = [r["text"] for r in rows if r["step"] == last]
     for div in ("rkl", "js"):
         lm = load_model("smollm2-135m")
-        model = PeftModel.from_pretrained(lm.model, str(work / f"fdpo_{div}" / "adapter")).eval()
+        model = PeftModel.from_pretrained(lm.model, str(work / f"fdpo_{div}" / "final_model")).eval()
         texts[f"f-DPO {div}" + (" (= DPO)" if div == "rkl" else "")] = _sample(model, lm.tokenizer, ctx, U)
     contexts = [PROMPTS[i] for i in ctx.tolist()]
     vader, rm = VaderSentiment(beta=1.0), load_reward_model(work / "rm")

@@ -1,0 +1,188 @@
+"""Hydra entry points: ``fdiv-align`` / ``python -m fdiv_align``, ``fdiv-align-rm``, ``fdiv-align-po``.
+
+``fdiv-align`` runs the main job (embedded SmolLM2, ``sentiment``, JS); ``fdiv-align -m
+divergence=rkl,fkl,js,tv`` sweeps, one Hydra output directory per run holding its config
+(.hydra/), metrics.jsonl, samples.jsonl, checkpoints/ and summary.json.
+``fdiv-align-rm training.data=prefs.jsonl`` trains a reward model (fdiv_align/conf/reward_model.yaml) and
+``fdiv-align-po training.data=prefs.jsonl divergence=js`` runs offline f-DPO (fdiv_align/conf/preference_opt.yaml),
+both through fdiv_align/preferences/pair_training.py.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+from .config import register_configs
+from .extras import require
+
+
+def _config_dir() -> str:
+    """The Hydra configs, shipped inside the package (fdiv_align/conf/), so an installed wheel finds them."""
+    conf = Path(__file__).resolve().parent / "conf"
+    if not (conf / "config.yaml").exists():
+        raise FileNotFoundError(f"no config.yaml in {conf}: the installation of fdiv_align is incomplete (reinstall it)")
+    return str(conf)
+
+
+def _resume_command(out: str, program: str = "fdiv-align") -> str:
+    """The command that continues this run: the same overrides with ``output_dir`` pinned to its directory."""
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("output_dir=")]
+    return " ".join([program, *overrides, f"output_dir={out}"])
+
+
+def _remove_if_untouched(run_dir: Path) -> None:
+    """A run that failed before writing anything leaves no directory behind (Hydra creates it, with
+    its .hydra/ and log file, before the run starts)."""
+    if not run_dir.is_dir():
+        return
+    if all(p.name in (".hydra", "main.log", "__main__.log", "cli.log") for p in run_dir.iterdir()):
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _container(cfg) -> dict:
+    """The composed config as plain data; a mandatory value left unset (``???``) is an error naming its key."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import MissingMandatoryValue
+
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as exc:
+        raise ValueError(f"config key {exc.full_key} has no value (??? in its YAML): set it on the command line, "
+                         f"{exc.full_key}=...") from None
+
+
+def _run(cfg) -> dict:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from .config import from_dict, validate
+    from .training.interrupts import RunInterrupted, stop_requests
+
+    hc = HydraConfig.get()
+    out = hc.runtime.output_dir
+    fresh_dir = not any(p.name not in (".hydra",) and not p.name.endswith(".log") for p in Path(out).iterdir())
+    try:
+        config = from_dict(_container(cfg))
+        if hc.mode == RunMode.MULTIRUN and config.output_dir is not None:
+            raise ValueError("output_dir names one run directory, but this is a sweep (-m): each run gets its own under "
+                             "hydra.sweep.dir; to resume a sweep rerun it with hydra.sweep.dir=<that sweep's directory>")
+        if config.output_dir is not None and Path(config.output_dir).resolve() != Path(out).resolve():
+            raise RuntimeError(f"output_dir={config.output_dir} but Hydra's run directory is {out}: fdiv_align/conf/config.yaml "
+                               "must set hydra.run.dir from output_dir")
+        validate(config)
+        with stop_requests() as stops:
+            from .training.trainer import Trainer  # noqa: PLC0415 - heavy (transformers): after the config is known good
+
+            with stops.abortable("model loading"):
+                trainer = Trainer(config, output_dir=out)
+            summary = trainer.train()
+        late_signal = stops.signum  # a stop that came after the last step (final evaluation): the run finished
+    except RunInterrupted as exc:
+        print(f"[fdiv-align] interrupted by {signal.Signals(exc.signum).name} during {exc.phase}: no step was taken, "
+              f"nothing to save", file=sys.stderr, flush=True)
+        if fresh_dir:
+            _remove_if_untouched(Path(out))
+        _exit_by_signal(exc.signum)
+    except BaseException:
+        if fresh_dir:
+            _remove_if_untouched(Path(out))
+        raise
+    final = summary.get("final") or {}
+    base = summary.get("base") or {}
+    if summary.get("status") == "finished":
+        print(f"[fdiv-align] {config.divergence.name} on {config.task.name}: alignment {_fmt(base.get('alignment'))} "
+              f"(base) -> {_fmt(final.get('alignment'))}; KL(pi||a) {_fmt(final.get('kl_pi_a'), 3)}; "
+              f"{summary['wall_seconds_this_run']:.0f}s; run dir {out}")
+        if late_signal is not None:  # the run is complete, but the user asked to stop: a sweep must not go on
+            print(f"[fdiv-align] {signal.Signals(late_signal).name} arrived after the last step: this run finished and "
+                  f"was saved; stopping here", file=sys.stderr, flush=True)
+            _exit_by_signal(late_signal)
+        return summary
+    if summary.get("saved"):
+        print(f"[fdiv-align] interrupted at step {summary['step']}; checkpoint saved in {out}/checkpoints. "
+              f"To resume, run:\n  {_resume_command(out)}", file=sys.stderr, flush=True)
+    elif fresh_dir:
+        _remove_if_untouched(Path(out))
+    _exit_by_signal(summary["signal"])
+
+
+def _fmt(x, digits: int = 4) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def _exit_by_signal(signum: int) -> None:
+    """End the process with the signal's default action (status 128 + signal), so that a multirun
+    sweep stops too."""
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    sys.exit(128 + signum)
+
+
+def _pair_run(schema, runner, program: str, describe):
+    """The Hydra task function of a pair-training entry point (``fdiv-align-rm`` / ``fdiv-align-po``)."""
+
+    def run(cfg) -> dict:
+        from hydra.core.hydra_config import HydraConfig
+
+        from .config import from_dict
+
+        out = HydraConfig.get().runtime.output_dir
+        config = from_dict(_container(cfg), schema)
+        summary = runner(config, out)
+        if summary["status"] == "interrupted":
+            print(f"[{describe(config)}] interrupted at step {summary['step']}; checkpoint saved in {out}/checkpoints. "
+                  f"To resume, run:\n  {_resume_command(out, program)}", file=sys.stderr, flush=True)
+            _exit_by_signal(summary["signal"])
+        final, initial = summary["final"], summary["initial"]
+        start = f"{initial['heldout_accuracy']:.3f} -> " if initial else ""
+        print(f"[{describe(config)}] held-out pairwise accuracy {start}"
+              f"{final['heldout_accuracy']:.3f} ± {final['heldout_accuracy_se']:.3f} on {final['heldout_pairs']} pairs; "
+              f"{summary['wall_seconds_this_run']:.0f}s; run dir {out}", flush=True)
+        return summary
+
+    return run
+
+
+def _hydra_main(config_name: str, task_function) -> None:
+    require("train", "the fdiv-align command line")
+    import hydra
+
+    register_configs()
+    from omegaconf import OmegaConf
+
+    # fdiv_align/conf/*.yaml: hydra.run.dir = output_dir when set, else a new timestamped directory
+    OmegaConf.register_new_resolver("fdiv_or", lambda value, default: default if value is None else value, replace=True)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    hydra.main(version_base="1.3", config_path=_config_dir(), config_name=config_name)(task_function)()
+
+
+def main() -> None:
+    _hydra_main("config", _run)
+
+
+def rm_main() -> None:
+    """``fdiv-align-rm``: a Bradley–Terry reward model on preference pairs (fdiv_align/conf/reward_model.yaml)."""
+    from .config import RewardModelConfig
+    from .preferences.pair_training import run_reward_model
+
+    _hydra_main("reward_model", _pair_run(RewardModelConfig, run_reward_model, "fdiv-align-rm", lambda c: "fdiv-align-rm"))
+
+
+def po_main() -> None:
+    """``fdiv-align-po``: offline f-DPO on preference pairs (fdiv_align/conf/preference_opt.yaml)."""
+    from .config import PreferenceOptConfig
+    from .preferences.pair_training import run_preference_opt
+
+    _hydra_main("preference_opt", _pair_run(PreferenceOptConfig, run_preference_opt, "fdiv-align-po",
+                                            lambda c: f"fdiv-align-po {c.divergence.name} β={c.beta}"))
+
+
+if __name__ == "__main__":
+    main()
