@@ -90,7 +90,8 @@ class ModelConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
-    lora_target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    #: ["all-linear"] (PEFT's convention: every linear layer but the output head, any architecture) or module names
+    lora_target_modules: list = field(default_factory=lambda: ["all-linear"])
     gradient_checkpointing: bool = False
     #: attention kernel: ``fdiv_grouped_eager`` (eager without repeat_kv copies, fdiv_align/lm/attention.py) |
     #: ``eager`` | ``sdpa`` | any name transformers accepts; null = ``fdiv_grouped_eager`` on CPU (eager is

@@ -178,15 +178,24 @@ def load_configured(m, device: torch.device) -> LoadedModel:
 
 def lora_wrap(model, m):
     """``model`` with LoRA adapters of a :class:`fdiv_align.config.ModelConfig` ``m`` (rank ``m.lora_r``,
-    α ``m.lora_alpha``) on the modules of ``m.lora_target_modules`` it has; none of them present is an
-    error (LoRA would train nothing)."""
+    α ``m.lora_alpha``) on ``m.lora_target_modules``: ``["all-linear"]`` (the default, PEFT's convention:
+    every linear layer but the output head, whatever the architecture — Llama's q/k/v/o/gate/up/down
+    projections, GPT-2's c_attn/c_proj/c_fc) or module names, of which those the model has are used;
+    none of them present is an error (LoRA would train nothing)."""
     from peft import LoraConfig, get_peft_model
 
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    targets = [t for t in m.lora_target_modules if t in present]
-    if not targets:
-        raise ValueError(f"model.lora_target_modules {list(m.lora_target_modules)} match no module of "
-                         f"{type(model).__name__}: LoRA would train nothing")
+    wanted = list(m.lora_target_modules)
+    if "all-linear" in wanted:
+        if len(wanted) > 1:
+            raise ValueError(f"model.lora_target_modules {wanted}: 'all-linear' stands alone (it already names every "
+                             f"linear layer but the output head)")
+        targets = "all-linear"
+    else:
+        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        targets = [t for t in wanted if t in present]
+        if not targets:
+            raise ValueError(f"model.lora_target_modules {wanted} match no module of {type(model).__name__}: LoRA "
+                             f"would train nothing (model.lora_target_modules=[all-linear] adapts every linear layer)")
     return get_peft_model(model, LoraConfig(r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
                                             target_modules=targets, task_type="CAUSAL_LM"))
 

@@ -13,6 +13,8 @@ its name and the offending text. Scorers compose by ``*`` (log-scores add).
 
 from __future__ import annotations
 
+import inspect
+
 import math
 import re
 import warnings
@@ -182,18 +184,36 @@ class CompilesAsPython(BooleanScorer):
 # ----------------------------------------------------------------------------- rewards
 
 
-class RewardScorer(Scorer):
-    """exp(r(x, c)/β): log-score r/β. ``fn(texts, contexts) -> sequence of floats`` (batched)."""
+def _takes_contexts(fn) -> bool:
+    """Whether ``fn`` takes (texts, contexts) rather than (texts) alone."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # no signature (a builtin): the documented two-argument form
+        return True
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return any(p.kind == p.VAR_POSITIONAL for p in params) or len(positional) >= 2
 
-    def __init__(self, fn: Callable[[list[str], list[str]], Sequence[float]], beta: float = 1.0, name: str = "reward"):
+
+class RewardScorer(Scorer):
+    """exp(r(x, c)/β): log-score r/β. ``fn(texts, contexts)`` or ``fn(texts)`` → one float per text
+    (batched); a wrong number of values, NaN or ±inf is a ScorerError naming the function."""
+
+    def __init__(self, fn: Callable[..., Sequence[float]], beta: float = 1.0, name: str = "reward"):
         if not beta > 0:
             raise ValueError(f"{name}: beta must be > 0, got {beta}")
+        if not callable(fn):
+            raise TypeError(f"{name}: the reward must be callable, got {type(fn).__name__}")
         self.fn = fn
         self.beta = float(beta)
         self.name = name
+        self._with_contexts = _takes_contexts(fn)
 
     def rewards(self, texts, contexts) -> torch.Tensor:
-        r = torch.as_tensor(self.fn(list(texts), list(contexts)), dtype=torch.float64).flatten()
+        values = self.fn(list(texts), list(contexts)) if self._with_contexts else self.fn(list(texts))
+        try:
+            r = torch.as_tensor(values, dtype=torch.float64).flatten()
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise ScorerError(f"reward {self.name!r} returned {type(values).__name__}, not numbers: {exc}") from None
         if r.numel() != len(texts):
             raise ScorerError(f"reward {self.name!r} returned {r.numel()} values for {len(texts)} texts")
         bad = ~torch.isfinite(r)
@@ -225,19 +245,33 @@ class VaderSentiment(RewardScorer):
 
 
 class ClassifierReward(RewardScorer):
-    """r = log p(label | x) (or the raw logit) of a local HF sequence-classification model."""
+    """r from a local Hugging Face ``AutoModelForSequenceClassification`` directory: with one label (a reward
+    model, as TRL trains them) its logit; with several, log p(``label`` | x) — or the label's raw logit
+    with ``use_logit`` — where ``label`` (a name or an index) must be given."""
 
-    def __init__(self, model_dir: str, label: int | str = 1, beta: float = 1.0, use_logit: bool = False,
+    def __init__(self, model_dir: str, label: int | str | None = None, beta: float = 1.0, use_logit: bool = False,
                  batch_size: int = 32, device: str = "cpu", include_context: bool = False):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModelForSequenceClassification.from_pretrained(model_dir).to(device).eval()
+        num_labels = self.model.config.num_labels
+        if num_labels == 1:  # a scalar reward head: log-softmax over one class would be 0 for every text
+            if label not in (None, 0, *self.model.config.label2id):
+                raise ValueError(f"{model_dir} has one label (a reward model: its logit is the reward); got label={label!r}")
+            label, use_logit = 0, True
+        elif label is None:
+            raise ValueError(f"{model_dir} has {num_labels} labels {sorted(self.model.config.label2id)}: name the one "
+                             f"whose log-probability is the reward (label=...)")
         if isinstance(label, str):
             label2id = self.model.config.label2id
             if label not in label2id:
                 raise ValueError(f"label {label!r} not in the classifier's labels {sorted(label2id)}")
             label = label2id[label]
+        if not 0 <= int(label) < num_labels:
+            raise ValueError(f"label index {label} out of range for {num_labels} labels")
+        if self.tokenizer.pad_token is None:  # GPT-2-style reward models: pad with EOS, as TRL does
+            self.tokenizer.pad_token = self.tokenizer.eos_token
         self.label, self.use_logit, self.batch_size, self.device = int(label), use_logit, batch_size, device
         self.include_context = include_context
         super().__init__(self._score, beta, name=f"classifier:{model_dir}:{label}")

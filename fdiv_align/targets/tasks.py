@@ -7,6 +7,7 @@ A :class:`Task` holds the contexts and the scorer; ``task.target(base)`` builds 
 from __future__ import annotations
 
 import ast
+import importlib
 import random
 import re
 import sysconfig
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from ..registry import Registry
 from .distributional import DistributionalConstraint
-from .scorers import AnyWord, CompilesAsPython, RewardScorer, Scorer, VaderSentiment, WordPresent
+from .scorers import AnyWord, ClassifierReward, CompilesAsPython, RewardScorer, Scorer, VaderSentiment, WordPresent
 from .target import BaseLM, Target
 
 __all__ = ["Task", "get_task", "register_task", "available_tasks", "science_words", "stdlib_signatures", "female_feature"]
@@ -99,6 +100,45 @@ def _code_compiles(num_contexts: int = 64, **kw):
                 **kw, description="conditional pointwise: stdlib signature + continuation compiles")
 
 
+def resolve_callable(spec: str, what: str):
+    """The object ``package.module:attribute`` names (``what``: the config key, for the error)."""
+    module_name, sep, attribute = str(spec).partition(":")
+    if not sep or not module_name or not attribute:
+        raise ValueError(f"{what}={spec!r}: expected 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"{what}={spec!r}: cannot import {module_name!r} ({exc})") from None
+    target = module
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise ValueError(f"{what}={spec!r}: {module_name!r} has no attribute {attribute!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise ValueError(f"{what}={spec!r} is a {type(target).__name__}, not a function")
+    return target
+
+
+def _reward_function(function: str | None = None, beta: float = 0.1, contexts: list[str] | None = None, **kw):
+    if not function:
+        raise ValueError("task reward_function needs task.params.function: 'package.module:function', a function "
+                         "from a list of texts (and optionally their contexts) to one float each")
+    fn = resolve_callable(function, "task.params.function")
+    return Task("reward_function", RewardScorer(fn, beta=beta, name=function), contexts=contexts or [""], **kw,
+                description=f"reward: {function}, P = a·exp(r/{beta})")
+
+
+def _classifier(path: str | None = None, label: int | str | None = None, beta: float = 1.0, use_logit: bool = False,
+                include_context: bool = False, contexts: list[str] | None = None, **kw):
+    if not path:
+        raise ValueError("task classifier needs task.params.path: a Hugging Face sequence-classification directory")
+    if not (Path(path) / "config.json").exists():
+        raise ValueError(f"task.params.path={path!r} is not a Hugging Face model directory (no config.json there)")
+    scorer = ClassifierReward(path, label=label, beta=beta, use_logit=use_logit, include_context=include_context)
+    return Task("classifier", scorer, contexts=contexts or [""], **kw,
+                description=f"reward: the classifier {path} (label {scorer.label}), P = a·exp(r/{beta})")
+
+
 def _reward_model(path: str | None = None, beta: float = 0.1, contexts: list[str] | None = None, **kw):
     if not path:
         raise ValueError("task reward_model needs task.params.path: the run directory of fdiv-align-rm (or its "
@@ -112,7 +152,8 @@ def _reward_model(path: str | None = None, beta: float = 0.1, contexts: list[str
 
 
 _TASKS = Registry("task", {"amazing": _amazing, "science": _science, "sentiment": _sentiment, "female": _female,
-                           "code_compiles": _code_compiles, "reward_model": _reward_model}, params="parameters")
+                           "code_compiles": _code_compiles, "reward_model": _reward_model,
+                           "reward_function": _reward_function, "classifier": _classifier}, params="parameters")
 
 
 def register_task(name: str, builder=None):
