@@ -119,7 +119,13 @@ class TaskConfig:
     #: keyword arguments of the task's builder, checked by the task registry (get_task): sentiment
     #: {beta: 0.1} (P = a·exp(r/β)), female {target: 0.5} (target moment), code_compiles {num_contexts: 64}
     params: dict = field(default_factory=dict)  # {} = the builder's defaults (fdiv_align/conf/task/*.yaml state them)
-    contexts: Optional[str] = None  # a text/JSONL file of contexts overriding the task's own
+    #: the task's prompts from a text file (a line each), a JSONL file or a `datasets` directory (save_to_disk)
+    contexts: Optional[str] = None
+    #: the JSONL / dataset column holding the prompt (null: the first of prompt, context, text, messages)
+    prompt_column: Optional[str] = None
+    #: render plain-string prompts as a user turn with the tokenizer's chat template (conversational prompts,
+    #: lists of {role, content} messages, always are), with the generation prompt
+    chat_template: bool = False
     max_new_tokens: Optional[int] = None  # override the task's length
     constraint_fit_samples: int = 512  # distributional tasks: proposal samples used to fit λ
 

@@ -131,3 +131,56 @@ def test_the_cli_trains_towards_your_reward_function_with_lora(rewards_module, t
                           "task.params.function=my_rewards:nope", f"output_dir={tmp_path / 'bad'}"],
                          capture_output=True, text=True, env=env, timeout=600)
     assert bad.returncode != 0 and "has no attribute 'nope'" in bad.stderr and "loading model" not in bad.stderr
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<bos> {{ m['role'] }} : {{ m['content'] }} {% endfor %}"
+                 "{% if add_generation_prompt %}<bos> she :{% endif %}")
+
+
+def test_prompts_from_a_datasets_directory_and_jsonl_columns(tmp_path):
+    import datasets
+
+    from fdiv_align.targets import load_contexts
+
+    chats = [[{"role": "user", "content": "the cat"}], [{"role": "system", "content": "x"}, {"role": "user", "content": "a dog"}]]
+    datasets.Dataset.from_dict({"messages": chats, "id": [1, 2]}).save_to_disk(str(tmp_path / "ds"))
+    assert load_contexts(tmp_path / "ds") == chats
+    (tmp_path / "p.jsonl").write_text(json.dumps({"question": "q1", "prompt": "p1"}) + "\n")
+    assert load_contexts(tmp_path / "p.jsonl") == ["p1"] and load_contexts(tmp_path / "p.jsonl", "question") == ["q1"]
+    with pytest.raises(ValueError, match=r"p.jsonl:1: the row has 'answer' .*set task.prompt_column"):
+        load_contexts(tmp_path / "p.jsonl", "answer")
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"messages": [{"role": "user"}]}) + "\n")
+    with pytest.raises(ValueError, match="a context is a string or a list of"):
+        load_contexts(tmp_path / "bad.jsonl")
+    (tmp_path / "notds").mkdir()
+    with pytest.raises(ValueError, match="not a dataset saved with save_to_disk"):
+        load_contexts(tmp_path / "notds")
+
+
+def test_conversational_prompts_are_rendered_with_the_generation_prompt_and_one_bos(tmp_path):
+    import datasets
+    from conftest import tiny_cfg
+
+    from fdiv_align.lm.batch import encode_contexts, render_contexts
+    from fdiv_align.lm.models import tiny_model
+    from fdiv_align.training.trainer import Trainer
+
+    lm = tiny_model(seed=1)
+    lm.tokenizer.chat_template = CHAT_TEMPLATE
+    chat = [{"role": "user", "content": "the cat"}]
+    rendered = render_contexts(lm.tokenizer, [chat, "a dog"])
+    assert rendered == ["<bos> user : the cat <bos> she :", "a dog"]
+    assert render_contexts(lm.tokenizer, ["a dog"], chat_template=True) == ["<bos> user : a dog <bos> she :"]
+    bos = lm.tokenizer.bos_token_id
+    for ids in encode_contexts(lm.tokenizer, rendered):
+        assert ids[0] == bos and ids[1] != bos  # one BOS, never two
+    datasets.Dataset.from_dict({"messages": [chat]}).save_to_disk(str(tmp_path / "ds"))
+    tr = Trainer(tiny_cfg(task={"contexts": str(tmp_path / "ds")}), lm=lm, output_dir=tmp_path / "run")
+    assert tr.contexts == ["<bos> user : the cat <bos> she :"]
+    batch = tr._sample(torch.zeros(2, dtype=torch.long), torch.rand(2, 6, generator=torch.Generator().manual_seed(0),
+                                                                  dtype=torch.float64))
+    prompt = batch.prompt_ids[0][batch.prompt_mask[0].bool()].tolist()
+    assert prompt == encode_contexts(lm.tokenizer, tr.contexts)[0] and prompt.count(bos) == 2  # the template's two turns
+    plain = tiny_model(seed=1)
+    with pytest.raises(ValueError, match="needs a chat template, and the tokenizer has none"):
+        render_contexts(plain.tokenizer, [chat])

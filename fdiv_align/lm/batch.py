@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["Batch", "encode_contexts", "pad_rows", "make_batch", "decode"]
+__all__ = ["Batch", "encode_contexts", "render_contexts", "pad_rows", "make_batch", "decode"]
 
 
 @dataclass
@@ -63,8 +63,26 @@ def _start_token(tokenizer) -> int:
     return tid
 
 
+def render_contexts(tokenizer, contexts: list, chat_template: bool = False) -> list[str]:
+    """Contexts as the strings the model is prompted with: a conversation (a list of ``{"role", "content"}``
+    messages) through the tokenizer's chat template with the generation prompt (the assistant turn's
+    opening, where sampling continues); a string as it is, or — with ``chat_template`` — as one user turn."""
+    rendered = []
+    for c in contexts:
+        messages = c if isinstance(c, list) else [{"role": "user", "content": c}] if chat_template else None
+        if messages is None:
+            rendered.append(c)
+            continue
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError(f"context {c!r:.80} needs a chat template, and the tokenizer has none (a base model?): "
+                             f"give plain-string prompts, or a model whose tokenizer has one")
+        rendered.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    return rendered
+
+
 def encode_contexts(tokenizer, contexts: list[str], max_length: int | None = None) -> list[list[int]]:
-    """[BOS] + tokens(c) for each context; clear errors on empty lists and over-long contexts."""
+    """[BOS] + tokens(c) for each context (no second BOS when c's text begins with it, as a prompt rendered
+    with a chat template may); clear errors on empty lists and over-long contexts."""
     if isinstance(contexts, str):
         raise TypeError("contexts must be a list of strings, got a single string")
     if len(contexts) == 0:
@@ -74,7 +92,9 @@ def encode_contexts(tokenizer, contexts: list[str], max_length: int | None = Non
     for c in contexts:
         if not isinstance(c, str):
             raise TypeError(f"contexts must be strings, got {type(c).__name__}: {c!r}")
-        ids = [start] + tokenizer(c, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(c, add_special_tokens=False)["input_ids"]
+        if not ids or ids[0] != start:  # a chat-rendered prompt already begins with it: never twice
+            ids = [start] + ids
         if max_length is not None and len(ids) > max_length:
             raise ValueError(f"context of {len(ids)} tokens exceeds the model window budget of {max_length} tokens: {c[:80]!r}")
         out.append(ids)

@@ -104,27 +104,66 @@ class Target:
         return self.scorers[0].alignment(batch.texts, batch.context_texts)
 
 
-def load_contexts(source) -> list[str]:
-    """Contexts from a list, a text file (one per line) or a JSONL file (key prompt/context/text)."""
+PROMPT_COLUMNS = ("prompt", "context", "text", "messages")
+
+
+def load_contexts(source, column: str | None = None) -> list:
+    """Contexts from a list, a text file (one per line), a JSONL file or a ``datasets`` directory
+    (``save_to_disk``): the ``column`` of each row (None: the first of :data:`PROMPT_COLUMNS` present).
+    A context is a string, or a conversation — a list of ``{"role", "content"}`` messages — that
+    :func:`fdiv_align.lm.batch.render_contexts` renders with the tokenizer's chat template."""
     if isinstance(source, (list, tuple)):
         contexts = list(source)
     else:
         path = Path(source)
         if not path.exists():
             raise FileNotFoundError(f"contexts file {path} does not exist")
-        lines = path.read_text().splitlines()
-        if path.suffix == ".jsonl":
+        if path.is_dir():
+            contexts = _dataset_column(path, column)
+        elif path.suffix == ".jsonl":
             contexts = []
-            for n, line in enumerate(lines, 1):
+            for n, line in enumerate(path.read_text().splitlines(), 1):
                 if not line.strip():
                     continue
-                row = json.loads(line)
-                key = next((k for k in ("prompt", "context", "text") if k in row), None)
-                if key is None:
-                    raise ValueError(f"{path}:{n}: JSONL row has none of the keys prompt/context/text: {sorted(row)}")
-                contexts.append(row[key])
+                contexts.append(_prompt_of(json.loads(line), column, f"{path}:{n}"))
         else:
-            contexts = [line for line in lines if line.strip()]
+            contexts = [line for line in path.read_text().splitlines() if line.strip()]
     if not contexts:
         raise ValueError(f"no contexts in {source!r}")
+    for i, c in enumerate(contexts):
+        _check_context(c, f"context {i}")
     return contexts
+
+
+def _dataset_column(path: Path, column: str | None) -> list:
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(f"contexts {path} is a directory (a `datasets` dataset?), which needs the datasets package: "
+                          f"pip install 'fdiv_align[train]'") from None
+    try:
+        data = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as exc:
+        raise ValueError(f"contexts {path}: not a dataset saved with save_to_disk ({exc})") from None
+    if isinstance(data, datasets.DatasetDict):
+        if "train" not in data:
+            raise ValueError(f"contexts {path}: a DatasetDict without a 'train' split (splits: {sorted(data)})")
+        data = data["train"]
+    return [_prompt_of(row, column, f"{path} row {i}") for i, row in enumerate(data)]
+
+
+def _prompt_of(row: dict, column: str | None, where: str):
+    key = column if column is not None else next((k for k in PROMPT_COLUMNS if k in row), None)
+    if key is None or key not in row:
+        wanted = repr(column) if column is not None else f"none of {'/'.join(PROMPT_COLUMNS)}"
+        raise ValueError(f"{where}: the row has {wanted} (columns: {sorted(row)}); set task.prompt_column")
+    return row[key]
+
+
+def _check_context(c, where: str) -> None:
+    if isinstance(c, str):
+        return
+    if isinstance(c, list) and c and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                         and isinstance(m.get("content"), str) for m in c):
+        return
+    raise ValueError(f"{where}: a context is a string or a list of {{'role', 'content'}} messages, got {c!r:.120}")

@@ -34,6 +34,7 @@ import torch
 
 from ..config import Config, to_dict, validate
 from ..extras import require
+from ..lm.batch import render_contexts
 from ..lm.export import FINAL_MODEL_DIR, save_final_model
 from ..lm.logprobs import SamplingConfig
 from ..lm.models import LoadedModel, load_configured, resolve_device
@@ -112,7 +113,8 @@ class Trainer:
         self.divergence = get_divergence(cfg.divergence.name, **cfg.divergence.params)
         # the task first: a bad task name, parameter or contexts file fails before anything is loaded or written
         self.task = task if task is not None else get_task(cfg.task.name, **cfg.task.params)
-        self.contexts = load_contexts(cfg.task.contexts) if cfg.task.contexts else list(self.task.contexts)
+        self.contexts = load_contexts(cfg.task.contexts, cfg.task.prompt_column) if cfg.task.contexts \
+            else list(self.task.contexts)
         if not self.contexts:
             raise ValueError(f"task {self.task.name!r} has an empty context list: give at least one context "
                              f"(task.contexts=<file>, or Task(contexts=[...]); '' is the unconditional context)")
@@ -137,6 +139,7 @@ class Trainer:
         self._seed_everything(tc.seed)
         self.policy = prepare_policy(cfg.model, lm, self.device, self.plan, SamplingConfig(tc.temperature, tc.top_k, tc.top_p))
 
+        self.contexts = render_contexts(self.policy.tokenizer, self.contexts, cfg.task.chat_template)
         self.target = self.task.target(BaseLM.of_policy(self.policy))
         baseline_kwargs = {"momentum": tc.baseline_momentum} if tc.baseline == "moving_average" else {}
         # the floor (if any) is applied to log Φ before the loss (TargetScores.floored_log_P), not to log P
