@@ -1,6 +1,6 @@
 """docs/results/README.md, the index of the result pages, generated from the pages themselves so that it
 cannot drift from them: each page's title (its first heading) and the command that wrote it (the first
-code span on the page that runs a benchmark script, else `fdiv-align-report` or `fdiv-align`).
+code span after "Command:", else the first that runs a benchmark script, else `fdiv-align-report` or `fdiv-align`).
 
     python benchmarks/results_index.py            # write docs/results/README.md
     python benchmarks/results_index.py --check    # exit 1 if the committed index differs (tests run this)
@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 
 PAGES = Path(__file__).resolve().parents[1] / "docs" / "results"
-#: the commands a page may name, in order of preference: a benchmark script, then the CLI
-COMMANDS = [re.compile(r"`((?:[A-Z_]+=\S+ )*(?:python|bash) benchmarks/[^`]*)`"), re.compile(r"`(fdiv-align[^`]*)`")]
+#: the commands a page may name, in order of preference: its "Command:" line, a benchmark script, the CLI
+COMMANDS = [re.compile(r"Command: `([^`]*)`"), re.compile(r"`((?:[A-Z_]+=\S+ )*(?:python|bash) benchmarks/[^`]*)`"),
+            re.compile(r"`(fdiv-align[^`]*)`")]
 INTRO = """# Results
 
 Every page below was written by the command in its row (run from the repository root), names the machine
