@@ -66,3 +66,34 @@ def test_merged_lora_is_a_plain_model_with_the_same_logprobs(tmp_path):
         batch = _fixed_batch(tr)
         assert float((_logprobs(loaded, tr, batch) - tr.policy.policy_logprobs(batch).double()).abs().max()) <= 1e-5
     assert any(type(m).__name__ == "Linear" and "lora" in n for n, m in tr.policy.model.named_modules())  # untouched
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_fdiv_align_export_writes_a_checkpoint_as_the_run_does(tmp_path, lora):
+    """The newest checkpoint exported from the command line equals the run's own final_model/; --merge folds
+    LoRA into a plain model; a missing step or run directory is named."""
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    from fdiv_align.training.export import export_checkpoint
+
+    tr = Trainer(tiny_cfg(model={"lora": lora}, trainer={"steps": 4, "checkpoint_every": 2}), output_dir=tmp_path / "run")
+    tr.fit()
+    done = subprocess.run([sys.executable, "-m", "fdiv_align.training.export", str(tmp_path / "run")], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    exported = tmp_path / "run" / "final_model-step4"
+    assert done.stdout.strip() == str(exported)
+    for name in ("adapter_model.safetensors",) if lora else ("model.safetensors",):
+        assert (exported / name).read_bytes() == (tmp_path / "run" / "final_model" / name).read_bytes()
+    merged = export_checkpoint(tmp_path / "run", step=4, merge=True, out=tmp_path / "merged")
+    with torch.no_grad():
+        batch = _fixed_batch(tr)
+        got = _logprobs(AutoModelForCausalLM.from_pretrained(merged).eval(), tr, batch)
+        assert float((got - tr.policy.policy_logprobs(batch).double()).abs().max()) <= 1e-5
+    with pytest.raises(ValueError, match=r"no intact checkpoint of step 3; it has steps \[2, 4\]"):
+        export_checkpoint(tmp_path / "run", step=3)
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+        export_checkpoint(tmp_path)
