@@ -40,6 +40,7 @@ SMOKE ?= /tmp/fdiv_align-wheel-smoke
 wheel-smoke: setup
 	rm -rf $(SMOKE) && mkdir -p $(SMOKE)
 	$(BIN)/python -m build --wheel --outdir $(SMOKE)/dist . > $(SMOKE)/build.log
+	rm -rf build  # setuptools' staging folder: nothing of the build stays in the tree
 	$(PYTHON) -m venv $(SMOKE)/venv
 	$(SMOKE)/venv/bin/pip install -q -c constraints.txt "$$(ls $(SMOKE)/dist/*.whl)[train]"
 	cd $(SMOKE) && HF_HUB_OFFLINE=1 venv/bin/fdiv-align model=tiny trainer=smoke task=amazing logger.progress=false \
