@@ -18,6 +18,29 @@ from fdiv_align.lm.scoring import score  # noqa: E402
 from fdiv_align.targets import RewardScorer  # noqa: E402
 
 
+class CompareGradients(TrainerCallback):
+    """Before each optimiser step: ours (f_dpg_loss with the leave-one-out baseline on the samples the reward
+    scored) against TRL's gradient — (max |difference|, largest |gradient|, tensors compared ×2) into ``checks``;
+    also asserts the pseudo-rewards and the log π the reward used."""
+
+    def __init__(self, reward, divergence, checks):
+        self.reward, self.divergence, self.checks = reward, divergence, checks
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        trl_grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        last = self.reward.last
+        ours = copy.deepcopy(model)
+        ours.zero_grad()
+        lp = score(ours, last["batch"], pad_id=self.reward.tokenizer.pad_token_id)[1]
+        assert float((lp.detach().double() - last["log_pi"]).abs().max()) <= 1e-5  # the prompt TRL sampled under
+        out = f_dpg_loss(lp, lp.detach(), last["log_P"], self.divergence, last["log_z"], baseline=LeaveOneOutBaseline())
+        out.loss.backward()
+        assert torch.allclose(out.pseudo_rewards, last["rewards"], atol=1e-5)
+        diffs = {n: float((p.grad - trl_grads[n]).abs().max()) for n, p in ours.named_parameters() if p.grad is not None}
+        scale = max(float(g.abs().max()) for g in trl_grads.values())
+        self.checks.append((max(diffs.values()), scale, len(diffs), len(trl_grads)))
+
+
 @pytest.mark.parametrize("divergence", ["js", "rkl"])
 def test_trl_rloo_gradient_equals_ours(tmp_path, divergence):
     lm = tiny_model(seed=0, logit_scale=3.0)
@@ -25,27 +48,13 @@ def test_trl_rloo_gradient_equals_ours(tmp_path, divergence):
     reward = FDivergenceReward(lm.model, lm.tokenizer, scorer, divergence=divergence)
     checks = []
 
-    class CompareGradients(TrainerCallback):
-        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-            trl_grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-            last = reward.last
-            ours = copy.deepcopy(model)
-            ours.zero_grad()
-            lp = score(ours, last["batch"], pad_id=lm.tokenizer.pad_token_id)[1]
-            out = f_dpg_loss(lp, lp.detach(), last["log_P"], divergence, last["log_z"], baseline=LeaveOneOutBaseline())
-            out.loss.backward()
-            assert torch.allclose(out.pseudo_rewards, last["rewards"], atol=1e-5)
-            diffs = {n: float((p.grad - trl_grads[n]).abs().max()) for n, p in ours.named_parameters() if p.grad is not None}
-            scale = max(float(g.abs().max()) for g in trl_grads.values())
-            checks.append((max(diffs.values()), scale, len(diffs), len(trl_grads)))
-
     args = trl.RLOOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
                           max_completion_length=5, learning_rate=1e-2, max_steps=2, use_cpu=True, report_to="none",
                           save_strategy="no", logging_steps=100, max_grad_norm=0.0, disable_dropout=True,
                           dataloader_num_workers=0, **rloo_config_kwargs())
     trainer = trl.RLOOTrainer(model=lm.model, reward_funcs=reward, args=args, processing_class=lm.tokenizer,
                               train_dataset=Dataset.from_list([{"prompt": "the cat is"}] * 8))
-    trainer.add_callback(CompareGradients())
+    trainer.add_callback(CompareGradients(reward, divergence, checks))
     trainer.train()
     assert len(checks) == 2  # two optimiser steps, each compared
     for max_diff, scale, n_ours, n_trl in checks:
@@ -92,20 +101,6 @@ def test_trl_grpo_gradient_equals_ours(tmp_path, divergence, chat):
     reward = FDivergenceReward(lm.model, lm.tokenizer, scorer, divergence=divergence, reward_scale=grpo_reward_scale(N, L))
     checks = []
 
-    class CompareGradients(TrainerCallback):
-        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-            trl_grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-            last = reward.last
-            ours = copy.deepcopy(model)
-            ours.zero_grad()
-            lp = score(ours, last["batch"], pad_id=lm.tokenizer.pad_token_id)[1]
-            assert float((lp.detach().double() - last["log_pi"]).abs().max()) <= 1e-5  # the prompt TRL sampled under
-            out = f_dpg_loss(lp, lp.detach(), last["log_P"], divergence, last["log_z"], baseline=LeaveOneOutBaseline())
-            out.loss.backward()
-            diffs = {n: float((p.grad - trl_grads[n]).abs().max()) for n, p in ours.named_parameters() if p.grad is not None}
-            scale = max(float(g.abs().max()) for g in trl_grads.values())
-            checks.append((max(diffs.values()), scale, len(diffs), len(trl_grads)))
-
     args = trl.GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=N, num_generations=N,
                           max_completion_length=L, learning_rate=1e-2, max_steps=2, use_cpu=True, report_to="none",
                           save_strategy="no", logging_steps=100, max_grad_norm=0.0, disable_dropout=True,
@@ -113,7 +108,7 @@ def test_trl_grpo_gradient_equals_ours(tmp_path, divergence, chat):
     prompt = [{"role": "user", "content": "the cat is"}] if chat else "the cat is"
     trainer = trl.GRPOTrainer(model=lm.model, reward_funcs=reward, args=args, processing_class=lm.tokenizer,
                               train_dataset=Dataset.from_list([{"prompt": prompt}] * 8))
-    trainer.add_callback(CompareGradients())
+    trainer.add_callback(CompareGradients(reward, divergence, checks))
     trainer.train()
     assert len(checks) == 2
     if chat:
