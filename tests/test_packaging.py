@@ -43,3 +43,17 @@ def test_the_configs_ship_inside_the_package():
     assert {"model", "divergence", "task", "trainer", "logger"} <= groups
     package_data = tomllib.loads((ROOT.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
     assert {"conf/*.yaml", "conf/*/*.yaml"} <= set(package_data["fdiv_align"])
+
+
+def test_a_deprecation_warned_at_our_code_fails_the_suite():
+    """pyproject's filterwarnings: FutureWarning/DeprecationWarning attributed to a module of fdiv_align is an
+    error in the tests; one attributed to another package is not."""
+    import warnings
+
+    with pytest.raises(FutureWarning):
+        warnings.warn_explicit("a deprecated argument", FutureWarning, "policy.py", 1, module="fdiv_align.lm.policy")
+    with pytest.raises(DeprecationWarning):
+        warnings.warn_explicit("a deprecated call", DeprecationWarning, "cli.py", 1, module="fdiv_align.cli")
+    with warnings.catch_warnings(record=True) as caught:  # the suite's filters, not an error
+        warnings.warn_explicit("theirs", FutureWarning, "modeling_utils.py", 1, module="transformers.modeling_utils")
+    assert len(caught) == 1
