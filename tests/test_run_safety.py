@@ -252,3 +252,33 @@ def test_constant_reward_leaves_the_policy_at_the_base(tmp_path):
     off = tiny_cfg(trainer={"steps": 4, "eval_every": 0, "logratio_resolution": 0.0}, model={"lora": False})
     drifted = Trainer(off, lm=tiny_model(seed=0), task=task, output_dir=tmp_path / "off").train()
     assert drifted["final"]["kl_pi_a"] > 1.0  # the safeguard is what prevents it
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume_and_other_damage_is_named(tmp_path, capfd):
+    """What a crash or a full disk leaves at the end of metrics.jsonl (a line without its end) does not block
+    the resume: it is dropped, with a message; a damaged line elsewhere, or a garbled summary.json, is an
+    error naming the file (and the line)."""
+    import json
+
+    from conftest import tiny_cfg
+
+    from fdiv_align.training.trainer import Trainer
+
+    run = tmp_path / "run"
+    Trainer(tiny_cfg(trainer={"steps": 4, "checkpoint_every": 2, "eval_every": 0}), output_dir=run).fit()
+    metrics = run / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"step": 5, "kind": "tra')
+    capfd.readouterr()
+    summary = Trainer(tiny_cfg(trainer={"steps": 6, "checkpoint_every": 2, "eval_every": 0}), output_dir=run).fit()
+    assert summary["status"] == "finished" and summary["steps"] == 6
+    assert "dropping a torn last line" in capfd.readouterr().err
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join(lines[:2] + ['{"garbled'] + lines[2:]) + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl:3: not a JSON record"):
+        Trainer(tiny_cfg(trainer={"steps": 8, "checkpoint_every": 2, "eval_every": 0}), output_dir=run).fit()
+    (run / "summary.json").write_text('{"status": "fini')
+    with pytest.raises(ValueError, match=r"summary.json is not valid JSON"):
+        Trainer(tiny_cfg(trainer={"steps": 8, "checkpoint_every": 2, "eval_every": 0}), output_dir=run).fit()

@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..extras import require
+from ..files import atomic_write_text
 
 __all__ = ["distinct_n", "self_bleu", "MetricsLogger", "say"]
 
@@ -53,6 +54,26 @@ def self_bleu(texts: list[str], n: int = 3) -> float:
     return sum(_bleu(toks[i], toks[:i] + toks[i + 1:], n) for i in range(len(toks))) / len(toks)
 
 
+def _records(path: Path) -> list[str]:
+    """The JSON lines of an append-only log (see :meth:`MetricsLogger.truncate_after`)."""
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    good = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            json.loads(line)
+        except json.JSONDecodeError as exc:
+            if n == len(lines):  # the last line, with no newline after it: a write that did not finish
+                say(f"{path}:{n}: dropping a torn last line (an interrupted write): {line[:60]!r}")
+                continue
+            raise ValueError(f"{path}:{n}: not a JSON record ({exc}); the log is damaged — repair or remove that "
+                             f"line to resume") from None
+        good.append(line)
+    return good
+
+
 class MetricsLogger:
     """Writes one JSON line per record to ``metrics.jsonl`` and forwards to wandb once per step."""
 
@@ -70,11 +91,13 @@ class MetricsLogger:
                                     config=config, reinit=True)
 
     def truncate_after(self, step: int) -> None:
-        """On resume: drop records of steps after the checkpoint (they will be redone)."""
+        """On resume: drop records of steps after the checkpoint (they will be redone). A torn last line — what
+        a crash or a full disk leaves in an append-only log — is dropped with a message; any other line that
+        is not JSON is an error naming the file and the line."""
         for path in (self.path, self.samples_path):
             if path.exists():
-                keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-                path.write_text("".join(line + "\n" for line in keep))
+                keep = [line for line in _records(path) if json.loads(line).get("step", 0) <= step]
+                atomic_write_text(path, "".join(line + "\n" for line in keep))
 
     def log(self, step: int, record: dict) -> None:
         if self.jsonl:

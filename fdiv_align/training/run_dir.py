@@ -58,7 +58,11 @@ class RunDir:
         """The summary a finished run left here, or None."""
         if not self.summary_path.exists():
             return None
-        return json.loads(self.summary_path.read_text())
+        try:
+            return json.loads(self.summary_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{self.summary_path} is not valid JSON ({exc}): move it aside to resume the run from "
+                             f"its checkpoints") from None
 
     def latest_checkpoint(self) -> tuple[int, dict, Path] | None:
         """(step, state, path) of the newest intact checkpoint, None when there is none (every one
