@@ -21,7 +21,8 @@ import torch
 
 from ..files import atomic_path
 
-__all__ = ["save_checkpoint", "load_latest", "list_checkpoints", "verify_checkpoint", "CorruptCheckpointsError"]
+__all__ = ["save_checkpoint", "load_latest", "list_checkpoints", "verify_checkpoint", "checkpoint_step", "read_checkpoint",
+           "CorruptCheckpointsError"]
 
 STATE_FILE = "state.pt"
 MANIFEST = "manifest.json"
@@ -72,6 +73,16 @@ class CorruptCheckpointsError(RuntimeError):
     would silently discard them."""
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint's manifest records."""
+    return int(json.loads((path / MANIFEST).read_text())["step"])
+
+
+def read_checkpoint(path: Path) -> dict:
+    """The state a (verified) checkpoint holds."""
+    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+
+
 def load_latest(root: str | Path) -> tuple[int, dict, Path] | None:
     """(step, state, path) of the newest valid checkpoint under root; None when there is no checkpoint.
     A corrupt newer checkpoint is skipped with a warning naming the one used instead; if every
@@ -79,13 +90,12 @@ def load_latest(root: str | Path) -> tuple[int, dict, Path] | None:
     found = list_checkpoints(root)
     for i, path in enumerate(reversed(found)):
         if verify_checkpoint(path):
-            manifest = json.loads((path / MANIFEST).read_text())
-            state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+            state = read_checkpoint(path)
             if i:
                 warnings.warn(f"checkpoint(s) {', '.join(p.name for p in found[len(found) - i:])} in {root} are "
                               f"incomplete or corrupt (manifest mismatch); resuming from {path.name}", RuntimeWarning,
                               stacklevel=2)
-            return int(manifest["step"]), state, path
+            return checkpoint_step(path), state, path
     if found:
         raise CorruptCheckpointsError(
             f"every checkpoint in {root} ({', '.join(p.name for p in found)}) is incomplete or corrupt (manifest "

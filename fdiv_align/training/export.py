@@ -11,7 +11,6 @@ tokenizer and the generation config. Default output: ``<run_dir>/final_model-ste
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from ..lm.logprobs import SamplingConfig
 from ..lm.models import load_configured, resolve_device
 from ..lm.policy import prepare_policy
 from ..lm.precision import compute_plan
-from .checkpoint import MANIFEST, STATE_FILE, list_checkpoints, verify_checkpoint
+from .checkpoint import checkpoint_step, list_checkpoints, read_checkpoint, verify_checkpoint
 
 __all__ = ["export_checkpoint", "main"]
 
@@ -32,7 +31,7 @@ def _checkpoint(run_dir: Path, step: int | None) -> tuple[int, Path]:
     found = list_checkpoints(run_dir / "checkpoints")
     if not found:
         raise FileNotFoundError(f"{run_dir} holds no checkpoint (checkpoints/checkpoint-*): is it an f-DPG run directory?")
-    steps = {int(json.loads((p / MANIFEST).read_text())["step"]): p for p in found if verify_checkpoint(p)}
+    steps = {checkpoint_step(p): p for p in found if verify_checkpoint(p)}
     if not steps:
         raise ValueError(f"every checkpoint in {run_dir / 'checkpoints'} is incomplete or corrupt")
     if step is None:
@@ -48,7 +47,7 @@ def export_checkpoint(run_dir: str | os.PathLike, step: int | None = None, merge
     directory (see the module docstring); returns its path."""
     run_dir = Path(run_dir)
     step, path = _checkpoint(run_dir, step)
-    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    state = read_checkpoint(path)
     cfg = from_dict(state["config"])
     where = resolve_device(device)
     tc = cfg.trainer
