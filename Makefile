@@ -6,12 +6,14 @@
 #   make lint   ruff (pyproject.toml [tool.ruff]); .ci/run calls it after the tests
 #   make wheel-smoke   build the wheel, install it with [train] into a fresh venv beside the pinned torch and run
 #               the CLI's tiny smoke job from it (.ci/run calls it last)
+#   make torch-kept USER_VENV=<venv holding another torch>   pip's dry-run report of installing the built wheel
+#               with [all] there; fails when pip would replace that venv's torch
 # PYTHON picks the interpreter that creates the environment (default python3, ≥ 3.10).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup run test test-slow test-gpu lint wheel-smoke
+.PHONY: setup run test test-slow test-gpu lint wheel-smoke torch-kept
 
 $(BIN)/fdiv-align: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,3 +48,14 @@ wheel-smoke: setup
 	cd $(SMOKE) && HF_HUB_OFFLINE=1 venv/bin/fdiv-align model=tiny trainer=smoke task=amazing logger.progress=false \
 		output_dir=$(SMOKE)/run
 	test -f $(SMOKE)/run/summary.json
+
+USER_VENV ?=
+torch-kept: setup
+	test -x "$(USER_VENV)/bin/pip" || { echo "USER_VENV=<a venv holding a torch> is required" >&2; exit 2; }
+	rm -rf $(SMOKE)-kept && mkdir -p $(SMOKE)-kept
+	$(BIN)/python -m build --wheel --outdir $(SMOKE)-kept/dist . > $(SMOKE)-kept/build.log
+	rm -rf build
+	"$(USER_VENV)/bin/pip" install -q --dry-run --report $(SMOKE)-kept/report.json "$$(ls $(SMOKE)-kept/dist/*.whl)[all]"
+	"$(USER_VENV)/bin/python" -c 'import json, sys; from importlib.metadata import version; plan = {i["metadata"]["name"].lower(): i["metadata"]["version"] \
+		for i in json.load(open(sys.argv[1]))["install"]}; print("installed torch", version("torch"), "| pip would install", \
+		len(plan), "packages; torch:", plan.get("torch", "kept")); sys.exit("torch" in plan)' $(SMOKE)-kept/report.json
