@@ -13,7 +13,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup run test test-slow test-gpu lint wheel-smoke torch-kept
+.PHONY: setup run test test-slow test-distributed test-gpu lint wheel-smoke torch-kept
 
 $(BIN)/fdiv-align: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow $(ARGS)
+
+test-distributed: setup
+	$(BIN)/python -m pytest -q -m distributed $(ARGS)
 
 test-gpu: setup
 	$(BIN)/python -m pytest -q -m gpu $(ARGS)

@@ -72,6 +72,11 @@ class Precision(Choice):
     bf16 = "bf16"
 
 
+class Parallel(Choice):
+    ddp = "ddp"  # torch DistributedDataParallel: every rank holds the whole model
+    fsdp = "fsdp"  # FSDP2 fully_shard: parameters, gradients and optimiser state sharded across ranks
+
+
 class WandbMode(Choice):
     offline = "offline"
     online = "online"
@@ -181,6 +186,9 @@ class TrainerConfig:
     compile: Optional[bool] = None
     fused_logprobs: bool = True  # fused lm_head → log-prob kernel on the policy forward
     threads: Optional[int] = None  # torch threads (null = all cores)
+    #: several processes (torchrun / accelerate launch): the engine that sums the gradients — ddp or fsdp
+    #: (fdiv_align/training/distributed.py); ignored in one process
+    parallel: Parallel = Parallel.ddp
 
 
 @dataclass

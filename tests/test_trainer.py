@@ -269,26 +269,6 @@ def test_no_recompilation_storm(tmp_path):
     assert result["shapes"] >= 5  # the lengths really varied after the warm-up
 
 
-def test_two_processes_equal_one(tmp_path):
-    """torchrun with 2 CPU processes (gloo) reaches the parameters of 1 process, same global batch and seed."""
-    worker = os.path.join(ROOT, "tests", "dist_worker.py")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for nproc in (1, 2):
-        out = tmp_path / f"np{nproc}"
-        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                              "--master_port", str(29500 + nproc + os.getpid() % 1000), worker, str(out)],
-                             capture_output=True, text=True, timeout=600, env=env)
-        assert res.returncode == 0, res.stderr[-3000:]
-    one = torch.load(tmp_path / "np1" / "params-rank0.pt")
-    for rank in (0, 1):
-        two = torch.load(tmp_path / "np2" / f"params-rank{rank}.pt")
-        diff = max(float((one[n] - two[n]).abs().max()) for n in one)
-        assert diff < 1e-5, (rank, diff)
-    m1 = [json.loads(l) for l in (tmp_path / "np1" / "metrics.jsonl").read_text().splitlines()]
-    m2 = [json.loads(l) for l in (tmp_path / "np2" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["alignment"] for r in m1] == pytest.approx([r["alignment"] for r in m2])
-
-
 def test_model_device_is_resolved_and_checked(tmp_path):
     from fdiv_align.lm.models import resolve_device
 

@@ -31,7 +31,9 @@ class Policy:
     """πθ (``model``; ``trainable`` its parameters that train) and a (``reference_logprobs``).
 
     ``sampling`` is the sampling transform of πθ (a is always scored untransformed); the plan's
-    ``autocast_dtype``/``head_dtype`` and ``compile`` apply to every pass.
+    ``autocast_dtype``/``head_dtype`` and ``compile`` apply to every pass. ``passes``: None (one process),
+    or the callable each pass is handed to as ``passes(run, *args)`` — the data-parallel engine's root
+    module (fdiv_align/training/distributed.py), whose hooks must see every pass.
     """
 
     def __init__(self, model, tokenizer, use_lora: bool, reference, sampling: SamplingConfig,
@@ -43,35 +45,48 @@ class Policy:
             raise ValueError("nothing to train: no parameter requires grad (a PEFT config whose adapters are not "
                              "trainable, or a frozen model); check model.lora_target_modules")
         self.pad_id = tokenizer.pad_token_id
+        self.passes = None
+
+    def _run(self, run, *args, **kwargs):
+        return run(*args, **kwargs) if self.passes is None else self.passes(run, *args, **kwargs)
 
     @torch.no_grad()
     def sample(self, contexts: list[str], context_index: torch.Tensor, uniforms: torch.Tensor, max_new_tokens: int,
                stop_at_eos: bool = True) -> Batch:
         """Samples of πθ (with the current weights) with log q recorded; see :func:`fdiv_align.lm.sampling.sample`."""
         self.model.eval()
-        return sample(self.model, self.tokenizer, contexts, num_samples=0, max_new_tokens=max_new_tokens,
-                      config=self.sampling, stop_at_eos=stop_at_eos, context_index=context_index, uniforms=uniforms,
-                      plan=self.plan)
+        return self._run(sample, self.model, self.tokenizer, contexts, num_samples=0, max_new_tokens=max_new_tokens,
+                         config=self.sampling, stop_at_eos=stop_at_eos, context_index=context_index, uniforms=uniforms,
+                         plan=self.plan)
 
     @torch.no_grad()
     def reference_logprobs(self, batch: Batch) -> torch.Tensor:
         """[N] log a(x|c): the base distribution (adapters disabled, or the frozen copy), untransformed, float64."""
+        return self._run(self._reference_logprobs, batch).double().cpu()
+
+    def _reference_logprobs(self, batch: Batch) -> torch.Tensor:
         if self.use_lora:
-            with self.model.disable_adapter():
-                lp = score(self.model, batch, SamplingConfig(), pad_id=self.pad_id, plan=self.plan).sequence_logprobs
-        else:
-            lp = score(self.reference, batch, SamplingConfig(), pad_id=self.pad_id, plan=self.plan).sequence_logprobs
-        return lp.double().cpu()
+            try:
+                with self.model.disable_adapter():
+                    return score(self.model, batch, SamplingConfig(), pad_id=self.pad_id, plan=self.plan).sequence_logprobs
+            finally:
+                # PEFT's disable/enable toggles requires_grad on the adapter tensors registered at that moment;
+                # under FSDP those are the gathered copies, not ``trainable`` (the sharded parameters)
+                for p in self.trainable.values():
+                    p.requires_grad_(True)
+        return score(self.reference, batch, SamplingConfig(), pad_id=self.pad_id, plan=self.plan).sequence_logprobs
 
     def policy_logprobs(self, batch: Batch) -> torch.Tensor:
         """[N] log πθ(x|c) under the sampling transform; carries the graph in grad mode."""
-        return score(self.model, batch, self.sampling, pad_id=self.pad_id, plan=self.plan).sequence_logprobs.float()
+        return self._run(score, self.model, batch, self.sampling, pad_id=self.pad_id, plan=self.plan).sequence_logprobs.float()
 
     def weighted_logprob_sum(self, batch: Batch, weights: torch.Tensor) -> torch.Tensor:
         """Σ_i weights_i · log πθ(x_i|c_i) as a differentiable scalar (the fused kernel makes its head
         gradients in the forward pass)."""
-        return weighted_logprob_sum(self.model, batch, weights, self.sampling, pad_id=self.pad_id,
-                                    plan=self.plan).total
+        return self._run(self._weighted_logprob_sum, batch, weights)  # a tensor out: the engines hook on it
+
+    def _weighted_logprob_sum(self, batch: Batch, weights: torch.Tensor) -> torch.Tensor:
+        return weighted_logprob_sum(self.model, batch, weights, self.sampling, pad_id=self.pad_id, plan=self.plan).total
 
 
 

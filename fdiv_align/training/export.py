@@ -24,7 +24,7 @@ from ..lm.policy import prepare_policy
 from ..lm.precision import compute_plan
 from .checkpoint import checkpoint_step, list_checkpoints, read_checkpoint, verify_checkpoint
 
-__all__ = ["export_checkpoint", "main"]
+__all__ = ["export_checkpoint", "export_trainable", "main"]
 
 
 def _checkpoint(run_dir: Path, step: int | None) -> tuple[int, Path]:
@@ -48,18 +48,25 @@ def export_checkpoint(run_dir: str | os.PathLike, step: int | None = None, merge
     run_dir = Path(run_dir)
     step, path = _checkpoint(run_dir, step)
     state = read_checkpoint(path)
-    cfg = from_dict(state["config"])
+    return export_trainable(from_dict(state["config"]), state["trainable"], Path(out) if out else run_dir / f"final_model-step{step}",
+                            merge=merge, device=device, source=str(path))
+
+
+def export_trainable(cfg, trainable: dict[str, torch.Tensor], out: str | os.PathLike, merge: bool = False,
+                     device: str | None = "cpu", source: str = "the run") -> Path:
+    """Rebuild the policy of the run config ``cfg`` (base model and adapters), load its ``trainable``
+    weights (whole tensors, by name) and write it as :func:`fdiv_align.lm.export.save_final_model` does."""
     where = resolve_device(device)
     tc = cfg.trainer
     policy = prepare_policy(cfg.model, load_configured(cfg.model, where), where, compute_plan("fp32", False, where, fused=False),
                             SamplingConfig(tc.temperature, tc.top_k, tc.top_p))
-    missing = sorted(set(policy.trainable) - set(state["trainable"]))
+    missing = sorted(set(policy.trainable) - set(trainable))
     if missing:
-        raise ValueError(f"the checkpoint {path} lacks trainable weights {missing[:5]} of the model its config builds")
+        raise ValueError(f"{source} lacks trainable weights {missing[:5]} of the model its config builds")
     with torch.no_grad():
         for name, p in policy.trainable.items():
-            p.copy_(state["trainable"][name])
-    return save_final_model(policy, Path(out) if out else run_dir / f"final_model-step{step}", merge=merge)
+            p.copy_(trainable[name])
+    return save_final_model(policy, out, merge=merge)
 
 
 def main(argv=None) -> None:

@@ -46,8 +46,9 @@ from ..objectives.loss import FDivergenceLoss, FDPGLossOutput
 from ..targets import BaseLM, load_contexts
 from ..targets.tasks import Task, get_task
 from .checkpoint import list_checkpoints
-from .distributed import process_group
+from .distributed import data_parallel, process_group, shard_like, whole
 from .evaluation import Evaluator
+from .export import export_trainable
 from .interrupts import RunInterrupted, stop_requests
 from .metrics import MetricsLogger, say
 from .proposal import OffPolicyProposal
@@ -126,6 +127,7 @@ class Trainer:
         self._seed_everything(tc.seed)
         self.group = process_group()
         self.rank = self.group.rank
+        self._check_world_size()
         self.output_dir = Path(output_dir or cfg.output_dir or Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
         self.run_dir = RunDir(self.output_dir, writer=self.rank == 0, artifacts=(FINAL_MODEL_DIR,))
         self.callbacks = list(callbacks)
@@ -138,6 +140,8 @@ class Trainer:
         # state — LoRA initialisation included — depends on the seed alone
         self._seed_everything(tc.seed)
         self.policy = prepare_policy(cfg.model, lm, self.device, self.plan, SamplingConfig(tc.temperature, tc.top_k, tc.top_p))
+        # several processes: DDP or FSDP2 over the policy (before the optimiser: FSDP replaces the parameters)
+        self.parallel = self.policy.passes = data_parallel(self.policy, tc.parallel, self.group)
 
         self.contexts = render_contexts(self.policy.tokenizer, self.contexts, cfg.task.chat_template)
         self.target = self.task.target(BaseLM.of_policy(self.policy))
@@ -169,6 +173,19 @@ class Trainer:
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
+
+    def _check_world_size(self) -> None:
+        """Every process needs rows of each batch; FSDP's passes are collectives, so under it every process
+        needs as many rows (hence as many passes) as the others."""
+        tc, world = self.cfg.trainer, self.group.world
+        batches = {"trainer.samples_per_step": tc.samples_per_step, "trainer.eval_samples": tc.eval_samples,
+                   "task.constraint_fit_samples": self.cfg.task.constraint_fit_samples}
+        for key, n in batches.items():
+            if n < world:
+                raise ValueError(f"{key}={n} is smaller than the {world} processes: each needs at least one row")
+            if tc.parallel == "fsdp" and n % world:
+                raise ValueError(f"trainer.parallel=fsdp: {key}={n} must be a multiple of the {world} processes "
+                                 f"(every process runs the same passes); or use trainer.parallel=ddp")
 
     def _load_model(self) -> LoadedModel:
         m = self.cfg.model
@@ -236,13 +253,13 @@ class Trainer:
             seconds_score += time.perf_counter() - t1
         log_q = torch.cat([b.logq.double() for b in batches])
         log_pi = log_q if not (proposal and self.proposal is not None) else self._policy_logprobs(batches)
-        gather, gather_list = self.group.gather, self.group.gather_list
+        gather, gather_texts = self.group.gather, self.group.gather_texts
         return Rollout(batches, shard, gather(context_ids[shard]), gather(log_q), gather(log_pi), gather(torch.cat(log_a)),
                        gather(torch.cat(log_P)) if score_target else None,
                        gather(torch.cat(alignment)) if score_target else None,
                        gather(torch.cat([b.mask.sum(-1) for b in batches])),
-                       gather_list([t for b in batches for t in b.texts]),
-                       gather_list([c for b in batches for c in b.context_texts]), seconds_sample, seconds_score)
+                       gather_texts([t for b in batches for t in b.texts]),
+                       gather_texts([c for b in batches for c in b.context_texts]), seconds_sample, seconds_score)
 
     @torch.no_grad()
     def _policy_logprobs(self, batches) -> torch.Tensor:
@@ -277,24 +294,24 @@ class Trainer:
         return self.policy.weighted_logprob_sum(batch, -coefficients / n_total)
 
     def _update(self, rollout: Rollout, loss: FDPGLossOutput) -> tuple[float, float]:
-        """Backward of the surrogate over this process's micro-batches, gradients summed over processes,
-        clipped, then the optimiser and LR steps. Returns (the surrogate's value over all processes,
-        the gradient norm before clipping)."""
+        """Backward of the surrogate over this process's micro-batches (the engine sums the gradients over
+        processes after the last one), clipped, then the optimiser and LR steps. Returns (the surrogate's
+        value over all processes, the gradient norm before clipping)."""
         tc = self.cfg.trainer
         batch = rollout.batch
         coefficients = loss.coefficients[rollout.shard].to(torch.float32)
         self.policy.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         surrogate = 0.0
-        for start in range(0, len(batch), tc.micro_batch_size):
-            rows = torch.arange(len(batch))[start:start + tc.micro_batch_size]
+        starts = range(0, len(batch), tc.micro_batch_size)
+        for i in (self.parallel.micro_batches(len(starts)) if self.parallel else range(len(starts))):
+            rows = torch.arange(len(batch))[starts[i]:starts[i] + tc.micro_batch_size]
             part = self.policy_loss(batch.select(rows), coefficients[rows], len(rollout))
-            part.backward()
+            (part * self.parallel.loss_scale if self.parallel else part).backward()
             surrogate += float(part.detach())
         surrogate = self.group.sum(surrogate)
         params = list(self.policy.trainable.values())
-        self.group.allreduce_grads(params)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm or math.inf))
+        grad_norm = float(whole(torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm or math.inf)))
         if not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteGradientError(self._non_finite_message(grad_norm, loss))
@@ -489,7 +506,7 @@ class Trainer:
         final = self._evaluate_and_log() if tc.steps > 0 else self.state.base_eval
         if tc.checkpoint_every:
             self.save()
-        final_model = save_final_model(self.policy, self.run_dir.path / FINAL_MODEL_DIR) if self.rank == 0 else None
+        final_model = self._save_final_model()
         _, known = self.loss_fn.log_z.log_z(torch.arange(self.loss_fn.log_z.num_contexts))
         warnings = []
         if tc.steps > 0 and not known.any():
@@ -507,6 +524,15 @@ class Trainer:
         self._close()
         return summary
 
+    def _save_final_model(self) -> Path | None:
+        """``final_model/`` (written by rank 0; None elsewhere): the policy itself, or under FSDP the model that
+        the run's config builds with the gathered trainable weights (training/export.py)."""
+        out = self.run_dir.path / FINAL_MODEL_DIR
+        if self.parallel is not None and self.parallel.mode == "fsdp":
+            trainable = whole(dict(self.policy.trainable))  # every rank takes part in the gathers
+            return export_trainable(self.cfg, trainable, out, device=str(self.device)) if self.rank == 0 else None
+        return save_final_model(self.policy, out) if self.rank == 0 else None
+
     def _close(self) -> None:
         if self.logger is not None:
             self.logger.close()
@@ -517,10 +543,11 @@ class Trainer:
             "train_state": asdict(self.state),
             "rng": rng_states(self.generator),
             "config": to_dict(self.cfg),
-            "trainable": {n: p.detach().cpu().clone() for n, p in self.policy.trainable.items()},
-            "optimizer": self.optimizer.state_dict(),
+            # whole tensors (FSDP shards gathered), so a checkpoint resumes at any world size and engine
+            "trainable": {n: whole(p).clone() for n, p in self.policy.trainable.items()},
+            "optimizer": whole(self.optimizer.state_dict()),
             "scheduler": self.scheduler.state_dict(),
-            "proposal": None if self.proposal is None else self.proposal.state_dict(),
+            "proposal": None if self.proposal is None else whole(self.proposal.state_dict()),
             "loss": self.loss_fn.state_dict_extra(),
             "constraints": [c.state_dict() for c in self.target.constraints],
         }
@@ -532,11 +559,17 @@ class Trainer:
                 raise ValueError(f"cannot resume: the checkpoint's {group} config {saved[group]} differs from the current {now[group]}")
         with torch.no_grad():
             for n, p in self.policy.trainable.items():
-                p.copy_(state["trainable"][n])
+                p.copy_(shard_like(state["trainable"][n], p))
         self.optimizer.load_state_dict(state["optimizer"])
+        for p in self.policy.trainable.values():  # FSDP: the moments sharded as their parameter
+            moments = self.optimizer.state.get(p, {})
+            for key, value in moments.items():
+                moments[key] = shard_like(value, p)
         self.scheduler.load_state_dict(state["scheduler"])
         if self.proposal is not None:
-            self.proposal.load_state_dict(state["proposal"])
+            proposal = dict(state["proposal"])
+            proposal["state"] = {n: shard_like(v, self.policy.trainable[n]) for n, v in proposal["state"].items()}
+            self.proposal.load_state_dict(proposal)
         self.loss_fn.load_state_dict_extra(state["loss"])
         for c, s in zip(self.target.constraints, state["constraints"], strict=True):
             c.load_state_dict(s)
