@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -187,3 +189,27 @@ def test_fsdp_refuses_a_batch_the_processes_cannot_split_evenly():
             trainer_module.Trainer(cfg, output_dir="/nonexistent/never-created")
     finally:
         trainer_module.process_group = original
+
+
+@pytest.mark.distributed
+def test_a_rank_that_dies_ends_the_group_and_a_restart_resumes_it(tmp_path, single_process):
+    """Rank 1 is killed (SIGKILL) after step 3 of 4 (checkpoints every 2 steps). Without restarts, rank 0
+    does not wait: torchrun ends the group at once and names the dead rank. With `--max-restarts 1`, the
+    restarted group resumes from the step-2 checkpoint and finishes as the uninterrupted 1-process run."""
+    over = {"model": {"lora": True}, "trainer": {"parallel": "fsdp", "checkpoint_every": 2},
+            "die": {"rank": 1, "after_step": 3}}
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for restarts, out in ((0, tmp_path / "no-restart"), (1, tmp_path / "restart")):
+        port = 29950 + restarts + os.getpid() % 40
+        t0 = time.monotonic()
+        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--max-restarts={restarts}",
+                              "--master_port", str(port), WORKER, str(out), json.dumps(over)],
+                             capture_output=True, text=True, timeout=600, env=env)
+        if restarts == 0:
+            assert res.returncode != 0
+            assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)\s*\n\s*exitcode\s*:\s*-9", res.stderr), res.stderr[-3000:]
+            assert time.monotonic() - t0 < 120
+            assert [r["step"] for r in _records(out) if r["kind"] == "train"][-1] <= 4
+        else:
+            assert res.returncode == 0, res.stderr[-4000:]
+            assert_same_run(single_process(True), out)

@@ -103,9 +103,18 @@ def process_group() -> Group:
     """Initialise the process group when launched by torchrun/accelerate (WORLD_SIZE > 1) and return
     this process's :class:`Group`."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and _dist() is None:
-        from accelerate import PartialState
+        import torch.distributed as dist
 
-        PartialState()  # initialises the default process group (gloo on CPU, nccl on CUDA)
+        # env:// (RANK, WORLD_SIZE, MASTER_ADDR/PORT as torchrun and accelerate launch set them); one GPU
+        # per process (LOCAL_RANK) with nccl where CUDA is visible, gloo on the CPU
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        store, rank, world = next(dist.rendezvous("env://"))
+        # torchrun --max-restarts keeps its store across restarts: without a prefix per attempt a restarted
+        # group would read the dead group's gloo addresses and fail to connect
+        store = dist.PrefixStore(f"fdiv_align/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        dist.init_process_group("cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo", store=store,
+                                rank=rank, world_size=world)
     return Group()
 
 
