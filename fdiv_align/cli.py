@@ -57,6 +57,35 @@ def _container(cfg) -> dict:
                          f"{exc.full_key}=...") from None
 
 
+def available_cores() -> int:
+    """CPU cores this process may use (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def launcher_threads(launcher: dict, cores: int, environ=os.environ) -> tuple[int, str] | None:
+    """(torch threads per job, why) for jobs that a Hydra launcher runs side by side, so that they do not
+    oversubscribe the cores; None when the launcher runs one job at a time (Hydra's basic launcher).
+
+    joblib: ``n_jobs`` jobs at once (joblib's convention: −1 = every core, −k = cores + 1 − k) share the
+    cores. submitit: ``cpus_per_task`` (on Slurm also ``SLURM_CPUS_PER_TASK``); the local executor
+    without it starts every job at once, so one thread each."""
+    target = str(launcher.get("_target_", "")).lower()  # e.g. hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher
+    if "joblib" in target:
+        n_jobs = int(launcher.get("n_jobs") or -1)
+        side_by_side = max(1, min(cores, cores + 1 + n_jobs if n_jobs < 0 else n_jobs))
+        return max(1, cores // side_by_side), f"hydra/launcher=joblib runs {side_by_side} jobs side by side on {cores} cores"
+    if "submitit" in target:
+        cpus = launcher.get("cpus_per_task") or int(environ.get("SLURM_CPUS_PER_TASK", "0") or 0)
+        if cpus:
+            return int(cpus), f"submitit: cpus_per_task={cpus}"
+        if target.endswith("locallauncher"):
+            return 1, "hydra/launcher=submitit_local starts every job at once and names no cpus_per_task"
+    return None
+
+
 def _run(cfg) -> dict:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -76,6 +105,7 @@ def _run(cfg) -> dict:
             raise RuntimeError(f"output_dir={config.output_dir} but Hydra's run directory is {out}: fdiv_align/conf/config.yaml "
                                "must set hydra.run.dir from output_dir")
         validate(config)
+        _set_launcher_threads(config, hc)
         with stop_requests() as stops:
             from .training.trainer import Trainer  # noqa: PLC0415 - heavy (transformers): after the config is known good
 
@@ -110,6 +140,21 @@ def _run(cfg) -> dict:
     elif fresh_dir:
         _remove_if_untouched(Path(out))
     _exit_by_signal(summary["signal"])
+
+
+def _set_launcher_threads(config, hc) -> None:
+    """``trainer.threads`` null under a launcher that runs jobs side by side: torch threads as
+    :func:`launcher_threads` says (an explicit ``trainer.threads`` wins)."""
+    from omegaconf import OmegaConf
+
+    if config.trainer.threads is not None:
+        return
+    chosen = launcher_threads(OmegaConf.to_container(hc.launcher, resolve=True), available_cores())
+    if chosen is not None:
+        import torch
+
+        torch.set_num_threads(chosen[0])
+        print(f"[fdiv-align] {chosen[0]} torch thread(s) per job: {chosen[1]} (trainer.threads=N to choose)", flush=True)
 
 
 def _fmt(x, digits: int = 4) -> str:
@@ -151,6 +196,9 @@ def _pair_run(schema, runner, program: str, describe):
 
 def _hydra_main(config_name: str, task_function) -> None:
     require("train", "the fdiv-align command line")
+    for arg in sys.argv[1:]:
+        if arg.startswith("hydra/launcher=") and arg.split("=", 1)[1] != "basic":
+            require("sweeps", arg)
     import hydra
 
     register_configs()

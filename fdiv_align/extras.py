@@ -2,7 +2,8 @@
 
 ``import fdiv_align`` needs torch alone (the divergences, estimators and losses); the rest comes with an
 extra: ``pip install 'fdiv_align[train]'`` for the trainer and the CLI, ``[tasks]`` for the built-in
-sentiment task, ``[quant]``, ``[wandb]``, ``[plots]``, ``[trl]``, or ``[all]``. :func:`require` is called where
+sentiment task, ``[quant]``, ``[wandb]``, ``[plots]``, ``[trl]``, ``[sweeps]`` (Hydra's joblib and submitit
+launchers), or ``[all]``. :func:`require` is called where
 a part starts, so that a missing one is an ImportError naming the command that adds it — not a bare
 ``ModuleNotFoundError`` from deep inside.
 """
@@ -21,6 +22,7 @@ EXTRAS = {
     "wandb": ("wandb",),
     "plots": ("matplotlib",),
     "trl": ("trl",),
+    "sweeps": ("hydra_plugins.hydra_joblib_launcher", "hydra_plugins.hydra_submitit_launcher"),
 }
 
 

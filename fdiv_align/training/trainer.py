@@ -11,7 +11,7 @@ One step, :meth:`Trainer.train_step`, reads top to bottom:
 3. the loss (:class:`~fdiv_align.objectives.loss.FDivergenceLoss`): Ẑ_c updated, pseudo-rewards,
    baseline, coefficients w(R − B);
 4. :meth:`Trainer._update`: the surrogate −Σ coefficient·log πθ / N per micro-batch, backward (its value
-   is the logged ``loss``), gradient all-reduce, clip, optimiser and LR step;
+   is the logged ``loss``), gradients summed over processes by DDP or FSDP2, clip, optimiser and LR step;
 5. :meth:`Trainer.step_metrics`: the record of the step (IS estimates of the divergences, ESS, timings).
 
 :meth:`Trainer.fit` runs the steps with resume, evaluations, checkpoints and stop signals; what a
