@@ -166,6 +166,19 @@ def test_a_run_resumes_at_another_world_size(tmp_path, single_process, first, th
     assert (tmp_path / "checkpoints" / "checkpoint-00000002").is_dir()
     _torchrun(then, tmp_path, over)
     assert_same_run(single_process(True), tmp_path, ranks=range(then))
+    # an FSDP group writes sharded checkpoints: each rank its own shard file (DCP), the manifest covering them
+    last = tmp_path / "checkpoints" / "checkpoint-00000004"
+    if then == 2:
+        assert sorted(p.name for p in (last / "sharded").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+        assert "trainable" not in torch.load(last / "state.pt", weights_only=False)
+    # fdiv-align-export from the step-4 checkpoint (sharded or whole) writes the adapters the run's final_model has
+    from safetensors.torch import load_file
+
+    from fdiv_align.training.export import export_checkpoint
+
+    exported = load_file(export_checkpoint(tmp_path, step=4, out=tmp_path / "exported") / "adapter_model.safetensors")
+    final = load_file(tmp_path / "final_model" / "adapter_model.safetensors")
+    assert set(exported) == set(final) and all(torch.equal(exported[k], final[k]) for k in final)
 
 
 def test_fsdp_refuses_a_batch_the_processes_cannot_split_evenly():
@@ -213,3 +226,47 @@ def test_a_rank_that_dies_ends_the_group_and_a_restart_resumes_it(tmp_path, sing
         else:
             assert res.returncode == 0, res.stderr[-4000:]
             assert_same_run(single_process(True), out)
+
+
+def _one_process_group(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg-store'}", rank=0, world_size=1)
+
+
+def test_a_crash_during_a_sharded_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    """save_sharded_checkpoint: a failure after the shards are written (here: the manifest cannot be written)
+    leaves no checkpoint-4 and checkpoint-2 intact and loadable; a damaged shard fails verification, so
+    resume falls back to the previous checkpoint; load_sharded fills whole tensors in place."""
+    import torch.distributed as dist
+
+    from fdiv_align.training import checkpoint as ck
+
+    _one_process_group(tmp_path)
+    try:
+        root = tmp_path / "checkpoints"
+        weights = {"w": torch.arange(6.0).reshape(2, 3)}
+        ck.save_sharded_checkpoint(root, 2, {"step": 2}, {"trainable": weights}, keep=3, writer=True)
+
+        def fail(*args, **kwargs):
+            raise OSError("disk full")
+
+        with monkeypatch.context() as m:  # the shards and state.pt are written; the manifest is not
+            m.setattr(ck, "_write_manifest", fail)
+            with pytest.raises(OSError, match="disk full"):
+                ck.save_sharded_checkpoint(root, 4, {"step": 4}, {"trainable": {"w": weights["w"] + 1}}, keep=3,
+                                           writer=True)
+        assert [p.name for p in ck.list_checkpoints(root)] == ["checkpoint-00000002"]
+        step, state, path = ck.load_latest(root)
+        loaded = ck.load_sharded(path, {"trainable": {"w": torch.zeros(2, 3)}})
+        assert (step, state) == (2, {"step": 2}) and torch.equal(loaded["trainable"]["w"], weights["w"])
+
+        ck.save_sharded_checkpoint(root, 6, {"step": 6}, {"trainable": {"w": weights["w"] * 2}}, keep=3, writer=True)
+        shard = next((root / "checkpoint-00000006" / "sharded").glob("*.distcp"))
+        data = bytearray(shard.read_bytes())
+        data[-1] ^= 0xFF
+        shard.write_bytes(bytes(data))
+        with pytest.warns(RuntimeWarning, match="checkpoint-00000006"):
+            assert ck.load_latest(root)[0] == 2
+    finally:
+        dist.destroy_process_group()

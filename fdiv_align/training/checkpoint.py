@@ -7,12 +7,20 @@ moment leaves either the old set of checkpoints or the old set plus a complete n
 temporary directories are ignored. ``load_latest`` returns the newest checkpoint whose manifest
 matches its files, skipping (with a warning) any that is truncated or corrupt, and refuses
 (:class:`CorruptCheckpointsError`) when checkpoints exist but none is intact.
+
+FSDP runs write sharded checkpoints (:func:`save_sharded_checkpoint`): every rank writes its shards of the
+parameters, the optimiser moments and the proposal with ``torch.distributed.checkpoint`` (DCP) into the
+``sharded/`` folder of a staging directory that all ranks name alike; rank 0 adds ``state.pt`` (everything
+else, small) and the manifest (every file, the shards included) and renames the directory into place, so the
+same guarantees hold. DCP stores each tensor's global shape, so :func:`load_sharded` reads a sharded
+checkpoint at any world size — into DTensors sharded another way, or into whole tensors in one process.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -21,11 +29,12 @@ import torch
 
 from ..files import atomic_path
 
-__all__ = ["save_checkpoint", "load_latest", "list_checkpoints", "verify_checkpoint", "checkpoint_step", "read_checkpoint",
-           "CorruptCheckpointsError"]
+__all__ = ["save_checkpoint", "save_sharded_checkpoint", "load_sharded", "load_latest", "list_checkpoints",
+           "verify_checkpoint", "checkpoint_step", "read_checkpoint", "CorruptCheckpointsError"]
 
 STATE_FILE = "state.pt"
 MANIFEST = "manifest.json"
+SHARDED = "sharded"  # the DCP folder of a sharded checkpoint
 
 
 def _sha256(path: Path) -> str:
@@ -41,12 +50,56 @@ def save_checkpoint(root: str | Path, step: int, state: dict, keep: int = 2) -> 
     final = root / f"checkpoint-{step:08d}"
     with atomic_path(final, directory=True) as tmp:
         torch.save(state, tmp / STATE_FILE)
-        manifest = {"step": step, "files": {STATE_FILE: {"bytes": (tmp / STATE_FILE).stat().st_size,
-                                                         "sha256": _sha256(tmp / STATE_FILE)}}}
-        (tmp / MANIFEST).write_text(json.dumps(manifest))
+        _write_manifest(tmp, step)
+    _prune(root, keep)
+    return final
+
+
+def _write_manifest(directory: Path, step: int) -> None:
+    """The manifest, written last: every file under ``directory`` with its size and SHA-256."""
+    files = {str(f.relative_to(directory)): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+             for f in sorted(directory.rglob("*")) if f.is_file()}
+    (directory / MANIFEST).write_text(json.dumps({"step": step, "files": files}))
+
+
+def _prune(root: Path, keep: int) -> None:
     for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def save_sharded_checkpoint(root: str | Path, step: int, state: dict, sharded: dict, keep: int, writer: bool) -> Path:
+    """Called by every rank of the process group: ``sharded`` (a nested dict of DTensors/tensors) goes to DCP,
+    each rank writing its shards; the ``writer`` rank adds ``state`` and the manifest and renames the whole
+    into ``root/checkpoint-{step:08d}`` (see the module docstring)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    root = Path(root)
+    final = root / f"checkpoint-{step:08d}"
+    staging = root / f".tmp-{final.name}-shards"  # a name every rank knows; a crashed save's is replaced here
+    if writer:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    dist.barrier()
+    dcp.save(sharded, checkpoint_id=staging / SHARDED)  # returns once every rank's shards are written
+    if writer:
+        with atomic_path(final, directory=True) as tmp:
+            os.replace(staging / SHARDED, tmp / SHARDED)
+            torch.save(state, tmp / STATE_FILE)
+            _write_manifest(tmp, step)
+        shutil.rmtree(staging, ignore_errors=True)
+        _prune(root, keep)
+    dist.barrier()
     return final
+
+
+def load_sharded(path: Path, template: dict) -> dict:
+    """Fill ``template`` (a nested dict of the tensors to load, DTensors or whole tensors, in place) from the
+    sharded checkpoint at ``path``; every rank of the process group (if any) calls it."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.load(template, checkpoint_id=Path(path) / SHARDED)
+    return template
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:

@@ -22,7 +22,7 @@ from ..lm.logprobs import SamplingConfig
 from ..lm.models import load_configured, resolve_device
 from ..lm.policy import prepare_policy
 from ..lm.precision import compute_plan
-from .checkpoint import checkpoint_step, list_checkpoints, read_checkpoint, verify_checkpoint
+from .checkpoint import checkpoint_step, list_checkpoints, load_sharded, read_checkpoint, verify_checkpoint
 
 __all__ = ["export_checkpoint", "export_trainable", "main"]
 
@@ -48,24 +48,31 @@ def export_checkpoint(run_dir: str | os.PathLike, step: int | None = None, merge
     run_dir = Path(run_dir)
     step, path = _checkpoint(run_dir, step)
     state = read_checkpoint(path)
-    return export_trainable(from_dict(state["config"]), state["trainable"], Path(out) if out else run_dir / f"final_model-step{step}",
-                            merge=merge, device=device, source=str(path))
+    out = Path(out) if out else run_dir / f"final_model-step{step}"
+    cfg = from_dict(state["config"])
+    if state.get("sharded"):  # an FSDP run's checkpoint: the weights from its shards, whole (DCP)
+        return export_trainable(cfg, None, out, merge=merge, device=device, source=str(path), sharded=path)
+    return export_trainable(cfg, state["trainable"], out, merge=merge, device=device, source=str(path))
 
 
-def export_trainable(cfg, trainable: dict[str, torch.Tensor], out: str | os.PathLike, merge: bool = False,
-                     device: str | None = "cpu", source: str = "the run") -> Path:
+def export_trainable(cfg, trainable: dict[str, torch.Tensor] | None, out: str | os.PathLike, merge: bool = False,
+                     device: str | None = "cpu", source: str = "the run", sharded: Path | None = None) -> Path:
     """Rebuild the policy of the run config ``cfg`` (base model and adapters), load its ``trainable``
-    weights (whole tensors, by name) and write it as :func:`fdiv_align.lm.export.save_final_model` does."""
+    weights (whole tensors, by name; or, with ``trainable`` None, those of the sharded checkpoint at
+    ``sharded``) and write it as :func:`fdiv_align.lm.export.save_final_model` does."""
     where = resolve_device(device)
     tc = cfg.trainer
     policy = prepare_policy(cfg.model, load_configured(cfg.model, where), where, compute_plan("fp32", False, where, fused=False),
                             SamplingConfig(tc.temperature, tc.top_k, tc.top_p))
-    missing = sorted(set(policy.trainable) - set(trainable))
-    if missing:
-        raise ValueError(f"{source} lacks trainable weights {missing[:5]} of the model its config builds")
-    with torch.no_grad():
-        for name, p in policy.trainable.items():
-            p.copy_(trainable[name])
+    if trainable is None:
+        load_sharded(sharded, {"trainable": {n: p.detach() for n, p in policy.trainable.items()}})
+    else:
+        missing = sorted(set(policy.trainable) - set(trainable))
+        if missing:
+            raise ValueError(f"{source} lacks trainable weights {missing[:5]} of the model its config builds")
+        with torch.no_grad():
+            for name, p in policy.trainable.items():
+                p.copy_(trainable[name])
     return save_final_model(policy, out, merge=merge)
 
 

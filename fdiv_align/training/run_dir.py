@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 from ..files import atomic_write_text
-from .checkpoint import load_latest, save_checkpoint
+from .checkpoint import load_latest, save_checkpoint, save_sharded_checkpoint
 from .metrics import say
 
 __all__ = ["RunDir", "json_safe"]
@@ -69,7 +69,12 @@ class RunDir:
         corrupt: :class:`~fdiv_align.training.checkpoint.CorruptCheckpointsError`)."""
         return load_latest(self.checkpoints)
 
-    def save_checkpoint(self, step: int, state: dict, keep: int) -> Path | None:
+    def save_checkpoint(self, step: int, state: dict, keep: int, sharded: dict | None = None) -> Path | None:
+        """A checkpoint of ``state`` (written by the writer; None elsewhere); with ``sharded`` (FSDP: every
+        rank calls) also its DCP shards (fdiv_align/training/checkpoint.py)."""
+        if sharded is not None:
+            path = save_sharded_checkpoint(self.checkpoints, step, state, sharded, keep, self.writer)
+            return path if self.writer else None
         if not self.writer:
             return None
         return save_checkpoint(self.checkpoints, step, state, keep)

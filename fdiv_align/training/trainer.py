@@ -45,7 +45,7 @@ from ..objectives.estimators import add_trained_divergence, estimate_divergences
 from ..objectives.loss import FDivergenceLoss, FDPGLossOutput
 from ..targets import BaseLM, load_contexts
 from ..targets.tasks import Task, get_task
-from .checkpoint import list_checkpoints
+from .checkpoint import list_checkpoints, load_sharded
 from .distributed import data_parallel, process_group, shard_like, whole
 from .evaluation import Evaluator
 from .export import export_trainable
@@ -183,9 +183,12 @@ class Trainer:
         for key, n in batches.items():
             if n < world:
                 raise ValueError(f"{key}={n} is smaller than the {world} processes: each needs at least one row")
-            if tc.parallel == "fsdp" and n % world:
+            if tc.parallel == "fsdp" and world > 1 and n % world:
                 raise ValueError(f"trainer.parallel=fsdp: {key}={n} must be a multiple of the {world} processes "
                                  f"(every process runs the same passes); or use trainer.parallel=ddp")
+        if tc.parallel == "fsdp" and world > 1 and tc.optimizer != "adamw":
+            raise ValueError(f"trainer.parallel=fsdp shards AdamW's moments; trainer.optimizer={tc.optimizer} is not "
+                             f"supported there: use trainer.optimizer=adamw or trainer.parallel=ddp")
 
     def _load_model(self) -> LoadedModel:
         m = self.cfg.model
@@ -444,7 +447,7 @@ class Trainer:
         if found is None:
             return False
         _, state, path = found
-        self.load_state_dict(state)
+        self.load_state_dict(state, path)
         if self.logger is not None:
             self.logger.truncate_after(self.step)
         say(f"resumed from {path} (step {self.step} of {self.cfg.trainer.steps})")
@@ -538,38 +541,55 @@ class Trainer:
             self.logger.close()
 
     # ------------------------------------------------------------------ checkpoints
+    @property
+    def _sharded(self) -> bool:
+        """FSDP: the trainable tensors live in shards, and checkpoints are sharded (DCP) to match."""
+        return self.parallel is not None and self.parallel.mode == "fsdp"
+
     def state_dict(self) -> dict:
-        return {
+        """What a checkpoint holds besides, under FSDP, the sharded tensors (:meth:`sharded_state_dict`): there
+        the parameters, the optimiser moments and the proposal's weights are written by every rank (DCP);
+        elsewhere they are here, whole. Either kind resumes at any world size and engine."""
+        state = {
             "train_state": asdict(self.state),
             "rng": rng_states(self.generator),
             "config": to_dict(self.cfg),
-            # whole tensors (FSDP shards gathered), so a checkpoint resumes at any world size and engine
-            "trainable": {n: whole(p).clone() for n, p in self.policy.trainable.items()},
-            "optimizer": whole(self.optimizer.state_dict()),
             "scheduler": self.scheduler.state_dict(),
-            "proposal": None if self.proposal is None else whole(self.proposal.state_dict()),
             "loss": self.loss_fn.state_dict_extra(),
             "constraints": [c.state_dict() for c in self.target.constraints],
         }
+        optimizer = self.optimizer.state_dict()
+        proposal = None if self.proposal is None else self.proposal.state_dict()
+        if self._sharded:
+            first = next(iter(self.policy.trainable.values()))
+            state.update(sharded=True, optimizer_param_groups=optimizer["param_groups"],
+                         optimizer_moments=sorted(self.optimizer.state.get(first, {})),
+                         proposal=None if proposal is None else {k: v for k, v in proposal.items() if k != "state"})
+        else:
+            state.update(trainable={n: p.detach().cpu().clone() for n, p in self.policy.trainable.items()},
+                         optimizer=optimizer, proposal=proposal)
+        return state
 
-    def load_state_dict(self, state: dict) -> None:
+    def sharded_state_dict(self) -> dict:
+        """Under FSDP, the tensors sharded across ranks, by trainable name (each rank holds its shards)."""
+        trainable = self.policy.trainable
+        state = {"trainable": {n: p.detach() for n, p in trainable.items()},
+                 "optimizer": {n: dict(self.optimizer.state.get(p, {})) for n, p in trainable.items()}}
+        if self.proposal is not None:
+            state["proposal"] = dict(self.proposal.state)
+        return state
+
+    def load_state_dict(self, state: dict, path: Path | None = None) -> None:
+        """Restore a checkpoint's ``state`` (and, for a sharded one, the shards in its directory ``path``)."""
         saved, now = state["config"], to_dict(self.cfg)
         for group in ("model", "divergence", "task"):
             if saved[group] != now[group]:
                 raise ValueError(f"cannot resume: the checkpoint's {group} config {saved[group]} differs from the current {now[group]}")
-        with torch.no_grad():
-            for n, p in self.policy.trainable.items():
-                p.copy_(shard_like(state["trainable"][n], p))
-        self.optimizer.load_state_dict(state["optimizer"])
-        for p in self.policy.trainable.values():  # FSDP: the moments sharded as their parameter
-            moments = self.optimizer.state.get(p, {})
-            for key, value in moments.items():
-                moments[key] = shard_like(value, p)
+        if state.get("sharded"):
+            self._load_sharded(state, path)
+        else:
+            self._load_whole(state)
         self.scheduler.load_state_dict(state["scheduler"])
-        if self.proposal is not None:
-            proposal = dict(state["proposal"])
-            proposal["state"] = {n: shard_like(v, self.policy.trainable[n]) for n, v in proposal["state"].items()}
-            self.proposal.load_state_dict(proposal)
         self.loss_fn.load_state_dict_extra(state["loss"])
         for c, s in zip(self.target.constraints, state["constraints"], strict=True):
             c.load_state_dict(s)
@@ -579,6 +599,39 @@ class Trainer:
             self.state = TrainState(state["step"], state["samples_seen"], state["base_eval"], bool(state.get("pending_eval")))
         restore_rng_states(state["rng"], self.generator)
 
+    def _load_whole(self, state: dict) -> None:
+        """Whole tensors into the parameters, optimiser and proposal (sharded as their parameter under FSDP)."""
+        with torch.no_grad():
+            for n, p in self.policy.trainable.items():
+                p.copy_(shard_like(state["trainable"][n], p))
+        self.optimizer.load_state_dict(state["optimizer"])
+        for p in self.policy.trainable.values():
+            moments = self.optimizer.state.get(p, {})
+            for key, value in moments.items():
+                moments[key] = shard_like(value, p)
+        if self.proposal is not None:
+            proposal = dict(state["proposal"])
+            proposal["state"] = {n: shard_like(v, self.policy.trainable[n]) for n, v in proposal["state"].items()}
+            self.proposal.load_state_dict(proposal)
+
+    def _load_sharded(self, state: dict, path: Path) -> None:
+        """A sharded checkpoint read by DCP into this run's layout (shards of any world size, or whole tensors)."""
+        trainable = self.policy.trainable
+        template = {"trainable": {n: p.detach() for n, p in trainable.items()},  # loaded in place
+                    "optimizer": {n: {k: torch.zeros((), dtype=torch.float32) if k == "step" else torch.zeros_like(p)
+                                      for k in state["optimizer_moments"]} for n, p in trainable.items()}}
+        if self.proposal is not None:
+            template["proposal"] = {n: torch.zeros_like(p) for n, p in trainable.items()}
+        load_sharded(path, template)
+        for n, p in trainable.items():
+            if template["optimizer"][n]:
+                self.optimizer.state[p] = template["optimizer"][n]
+        for group, saved in zip(self.optimizer.param_groups, state["optimizer_param_groups"], strict=True):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+        if self.proposal is not None:
+            self.proposal.load_state_dict({**state["proposal"], "state": template["proposal"]})
+
     def save(self) -> Path | None:
-        """A checkpoint of the current state (rank 0; None elsewhere)."""
-        return self.run_dir.save_checkpoint(self.step, self.state_dict(), self.cfg.trainer.keep_checkpoints)
+        """A checkpoint of the current state (every rank calls; the path on rank 0, None elsewhere)."""
+        sharded = self.sharded_state_dict() if self._sharded else None
+        return self.run_dir.save_checkpoint(self.step, self.state_dict(), self.cfg.trainer.keep_checkpoints, sharded)
