@@ -11,6 +11,8 @@ both through fdiv_align/preferences/pair_training.py.
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import shutil
 import signal
 import sys
@@ -29,11 +31,27 @@ def _config_dir() -> str:
 
 
 def _resume_command(out: str, program: str = "fdiv-align") -> str:
-    """The command that continues this run: the same overrides with ``output_dir`` pinned to its directory."""
+    """The command that continues this run (see :func:`resume_command`)."""
     from hydra.core.hydra_config import HydraConfig
 
-    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("output_dir=")]
-    return " ".join([program, *overrides, f"output_dir={out}"])
+    return resume_command(program, list(HydraConfig.get().overrides.task), out)
+
+
+def hydra_value(text: str) -> str:
+    """``text`` as a Hydra override value: as it is where Hydra's grammar reads it unquoted, else quoted."""
+    if re.fullmatch(r"[\w./:+~@-]+", text, flags=re.ASCII):
+        return text
+    # Hydra's quoted strings: a quote is escaped by a backslash; backslashes before a quote or the end doubled
+    body = re.sub(r"(\\+)('|$)", lambda m: m.group(1) * 2 + m.group(2), text)
+    return "'" + body.replace("'", "\\'") + "'"
+
+
+def resume_command(program: str, overrides: list[str], out: str) -> str:
+    """A shell command that continues a run: ``program`` with the run's Hydra ``overrides`` and ``output_dir``
+    pinned to ``out``, each argument quoted for the shell (and the directory for Hydra), so that it works when
+    pasted whatever the directory's name holds (spaces, quotes, non-ASCII)."""
+    kept = [o for o in overrides if not o.startswith("output_dir=")]
+    return " ".join(shlex.quote(arg) for arg in [program, *kept, f"output_dir={hydra_value(out)}"])
 
 
 def _remove_if_untouched(run_dir: Path) -> None:

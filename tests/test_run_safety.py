@@ -4,6 +4,7 @@ validation, empty contexts, probability range, unreachable targets, noisy estima
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -282,3 +283,23 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume_and_other_damage_is_named
     (run / "summary.json").write_text('{"status": "fini')
     with pytest.raises(ValueError, match=r"summary.json is not valid JSON"):
         Trainer(tiny_cfg(trainer={"steps": 8, "checkpoint_every": 2, "eval_every": 0}), output_dir=run).fit()
+
+
+# ---------------------------------------------------------------- 9. the printed resume command pastes
+@pytest.mark.parametrize("name", ["plain", "my run", "é→∑ dir", "it's", "back\\slash", "q\\'uote", "a=b,c", "trail\\"])
+def test_the_printed_resume_command_works_when_pasted(tmp_path, name):
+    """Issue 26, finding 9: the command printed on a stop is split by the shell into the program, the run's
+    overrides (one argument each, a quoted one included) and output_dir, whose value Hydra reads back as the
+    run directory, whatever its name holds."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from fdiv_align.cli import resume_command
+
+    out = str(tmp_path / name)
+    overrides = ["model=tiny", "task.contexts='my prompts.txt'", f"output_dir={tmp_path}/old"]
+    words = shlex.split(resume_command("fdiv-align", overrides, out))
+    assert words[:3] == ["fdiv-align", "model=tiny", "task.contexts='my prompts.txt'"] and len(words) == 4
+    parser = OverridesParser.create()
+    assert parser.parse_override(words[3]).key_or_group == "output_dir"
+    assert parser.parse_override(words[3]).value() == out
+    assert parser.parse_override(words[2]).value() == "my prompts.txt"
