@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from fdiv_align.files import atomic_write_text
+from fdiv_align.files import atomic_write_text, read_jsonl
 
 __all__ = ["CellStore"]
 
@@ -29,20 +29,11 @@ class CellStore:
     def _read(self) -> list[dict]:
         if not self.path.exists():
             return []
-        lines = self.path.read_text(encoding="utf-8").split("\n")
-        rows = []
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                if n == len(lines):  # no newline after it: a write that did not finish
-                    print(f"{self.path}:{n}: dropping a torn last line (an interrupted write)", file=sys.stderr)
-                    self._torn = True
-                    continue
-                raise ValueError(f"{self.path}:{n}: not a JSON object ({exc})") from None
-        return rows
+        records, torn = read_jsonl(self.path)
+        if torn:
+            print(f"{self.path}:{torn}: dropping a torn last line (an interrupted write)", file=sys.stderr)
+            self._torn = True
+        return [record for _, record in records]
 
     def _key_of(self, row: dict) -> tuple:
         return tuple(row.get(k) for k in self.key)

@@ -31,6 +31,8 @@ from pathlib import Path
 
 from cells import CellStore
 
+from fdiv_align.cli import available_cores
+
 CELL_KEY = ("part", "mode", "parallel", "world")
 HERE = Path(__file__).resolve().parent
 
@@ -109,7 +111,7 @@ def sweep_seconds(launcher: list[str]) -> float:
 
 
 def measure(parts: list[str], store: CellStore) -> None:
-    cores = len(os.sched_getaffinity(0))
+    cores = available_cores()
     cells = []
     if "memory" in parts:
         cells += [("memory", mode, parallel, world, max(1, cores // world))
@@ -137,7 +139,7 @@ def report(store: CellStore, out: str) -> str:
     mib = 2 ** 20
     lines = ["# Scaling on one machine: FSDP2 memory per process, data-parallel throughput, launcher sweeps", "",
              f"Command: `python benchmarks/scaling.py` — {datetime.date.today().isoformat()}, {cpu_name()}, "
-             f"{len(os.sched_getaffinity(0))} cores, torch {torch.__version__}, gloo. Model: SmolLM2-135M-Instruct, fp32.", "",
+             f"{available_cores()} cores, torch {torch.__version__}, gloo. Model: SmolLM2-135M-Instruct, fp32.", "",
              "## Memory per process after one step (tensors held: local shards under FSDP)", "",
              "| fine-tuning | engine | processes | params MiB | grads MiB | optimiser MiB | total MiB | × 1 process | peak RSS MiB |",
              "|---|---|---|---|---|---|---|---|---|"]

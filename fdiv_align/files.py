@@ -9,12 +9,13 @@ entry fsynced. A failure removes the temporary and leaves the destination as it 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_text", "fsync_path"]
+__all__ = ["atomic_path", "atomic_write_text", "fsync_path", "read_jsonl"]
 
 
 def fsync_path(path: str | os.PathLike) -> None:
@@ -75,3 +76,23 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def read_jsonl(path: str | os.PathLike) -> tuple[list[tuple[str, object]], int | None]:
+    """The records of an append-only JSON-lines file as (line, value) pairs, and the number of a torn last
+    line that was dropped (None if there was none). A last line that is not JSON and has no newline after it
+    is what a crash or a full disk leaves mid-write: it is dropped (the caller says so); any other line that
+    is not JSON is an error naming the file and the line."""
+    lines = Path(path).read_text(encoding="utf-8").split("\n")
+    records, torn = [], None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append((line, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            if n != len(lines):
+                raise ValueError(f"{path}:{n}: not a JSON record ({exc}); the file is damaged — repair or remove "
+                                 f"that line") from None
+            torn = n
+    return records, torn

@@ -31,11 +31,10 @@ import os
 
 import torch
 
-__all__ = ["Group", "process_group", "PolicyPasses", "DataParallelPasses", "data_parallel", "whole",
-           "shard_like", "PARALLEL_MODES"]
+from ..config import Parallel
 
-#: ``trainer.parallel``: the engine that sums gradients across processes
-PARALLEL_MODES = ("ddp", "fsdp")
+__all__ = ["Group", "process_group", "PolicyPasses", "DataParallelPasses", "data_parallel", "whole",
+           "shard_like"]
 
 
 def _dist():
@@ -81,8 +80,7 @@ class Group:
             return list(texts)
         encoded = [t.encode("utf-8") for t in texts]
         lengths = self.gather(torch.tensor([len(b) for b in encoded], dtype=torch.int64))
-        data = self.gather(torch.frombuffer(bytearray(b"".join(encoded)), dtype=torch.uint8)
-                           if encoded and any(encoded) else torch.zeros(0, dtype=torch.uint8))
+        data = self.gather(torch.tensor(list(b"".join(encoded)), dtype=torch.uint8))
         raw, out, at = bytes(data.numpy()), [], 0
         for n in lengths.tolist():
             out.append(raw[at:at + n].decode("utf-8"))
@@ -220,8 +218,7 @@ def data_parallel(policy, mode: str, group: Group) -> DataParallelPasses | None:
     FSDP the policy's ``trainable`` parameters are the sharded ones (build the optimiser after this)."""
     if group.world == 1:
         return None
-    if mode not in PARALLEL_MODES:
-        raise ValueError(f"trainer.parallel must be one of {', '.join(PARALLEL_MODES)}, got {mode!r}")
+    mode = Parallel(mode)  # the config's choice: another value is refused there, naming the valid ones
     root = PolicyPasses(policy.model, policy.reference)
     if mode == "ddp":
         device_ids = [group.device.index] if group.device.type == "cuda" else None

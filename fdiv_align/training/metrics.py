@@ -10,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..extras import require
-from ..files import atomic_write_text
+from ..files import atomic_write_text, read_jsonl
 
 __all__ = ["distinct_n", "self_bleu", "MetricsLogger", "say"]
 
@@ -54,26 +54,6 @@ def self_bleu(texts: list[str], n: int = 3) -> float:
     return sum(_bleu(toks[i], toks[:i] + toks[i + 1:], n) for i in range(len(toks))) / len(toks)
 
 
-def _records(path: Path) -> list[str]:
-    """The JSON lines of an append-only log (see :meth:`MetricsLogger.truncate_after`)."""
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")
-    good = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            json.loads(line)
-        except json.JSONDecodeError as exc:
-            if n == len(lines):  # the last line, with no newline after it: a write that did not finish
-                say(f"{path}:{n}: dropping a torn last line (an interrupted write): {line[:60]!r}")
-                continue
-            raise ValueError(f"{path}:{n}: not a JSON record ({exc}); the log is damaged — repair or remove that "
-                             f"line to resume") from None
-        good.append(line)
-    return good
-
-
 class MetricsLogger:
     """Writes one JSON line per record to ``metrics.jsonl`` and forwards to wandb once per step."""
 
@@ -96,7 +76,10 @@ class MetricsLogger:
         is not JSON is an error naming the file and the line."""
         for path in (self.path, self.samples_path):
             if path.exists():
-                keep = [line for line in _records(path) if json.loads(line).get("step", 0) <= step]
+                records, torn = read_jsonl(path)
+                if torn:
+                    say(f"{path}:{torn}: dropping a torn last line (an interrupted write)")
+                keep = [line for line, record in records if record.get("step", 0) <= step]
                 atomic_write_text(path, "".join(line + "\n" for line in keep))
 
     def log(self, step: int, record: dict) -> None:

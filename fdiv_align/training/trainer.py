@@ -531,7 +531,7 @@ class Trainer:
         """``final_model/`` (written by rank 0; None elsewhere): the policy itself, or under FSDP the model that
         the run's config builds with the gathered trainable weights (training/export.py)."""
         out = self.run_dir.path / FINAL_MODEL_DIR
-        if self.parallel is not None and self.parallel.mode == "fsdp":
+        if self._sharded:
             trainable = whole(dict(self.policy.trainable))  # every rank takes part in the gathers
             return export_trainable(self.cfg, trainable, out, device=str(self.device)) if self.rank == 0 else None
         return save_final_model(self.policy, out) if self.rank == 0 else None
