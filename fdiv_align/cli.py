@@ -20,6 +20,10 @@ from pathlib import Path
 
 from .config import register_configs
 from .extras import require
+from .files import atomic_path
+
+#: what Hydra and the run directory's lock leave in a run directory before a run writes anything
+BEFORE_A_RUN = (".hydra", ".lock")
 
 
 def _config_dir() -> str:
@@ -54,13 +58,47 @@ def resume_command(program: str, overrides: list[str], out: str) -> str:
     return " ".join(shlex.quote(arg) for arg in [program, *kept, f"output_dir={hydra_value(out)}"])
 
 
+def _untouched(run_dir: Path) -> bool:
+    """No run has written in ``run_dir``: it holds at most Hydra's config folders, log files and a lock file."""
+    return all(p.name.startswith(BEFORE_A_RUN) or p.name.endswith(".log") for p in run_dir.iterdir())
+
+
 def _remove_if_untouched(run_dir: Path) -> None:
     """A run that failed before writing anything leaves no directory behind (Hydra creates it, with
-    its .hydra/ and log file, before the run starts)."""
-    if not run_dir.is_dir():
-        return
-    if all(p.name in (".hydra", "main.log", "__main__.log", "cli.log") for p in run_dir.iterdir()):
+    its config folder and log file, before the run starts)."""
+    if run_dir.is_dir() and _untouched(run_dir):
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _hydra_record(out: str):
+    """``on_start`` of a run: Hydra wrote this job's config to ``hydra.output_subdir`` (a pending folder, see
+    fdiv_align/conf/config.yaml); now that the run has accepted the directory it becomes ``.hydra/``, replacing
+    the record of the same run, and any other pending folder (of a refused or crashed start) goes. Until then a
+    refused run — another config, a live run holding the directory — leaves the record of the run there as it was."""
+    from hydra.core.hydra_config import HydraConfig
+
+    subdir = HydraConfig.get().output_subdir
+
+    def record() -> None:
+        if not subdir or subdir == ".hydra":
+            return
+        run = Path(out)
+        with atomic_path(run / ".hydra", directory=True) as tmp:
+            for f in (run / subdir).iterdir():
+                shutil.copy2(f, tmp / f.name)
+        for pending in run.glob(".hydra-pending*"):
+            shutil.rmtree(pending, ignore_errors=True)
+
+    return record
+
+
+def _drop_pending_record(out: str) -> None:
+    """This job's pending config folder, if its run never accepted the directory (see :func:`_hydra_record`)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    subdir = HydraConfig.get().output_subdir
+    if subdir and subdir != ".hydra":
+        shutil.rmtree(Path(out) / subdir, ignore_errors=True)
 
 
 def _container(cfg) -> dict:
@@ -113,7 +151,7 @@ def _run(cfg) -> dict:
 
     hc = HydraConfig.get()
     out = hc.runtime.output_dir
-    fresh_dir = not any(p.name not in (".hydra",) and not p.name.endswith(".log") for p in Path(out).iterdir())
+    fresh_dir = _untouched(Path(out))
     try:
         config = from_dict(_container(cfg))
         if hc.mode == RunMode.MULTIRUN and config.output_dir is not None:
@@ -128,7 +166,7 @@ def _run(cfg) -> dict:
             from .training.trainer import Trainer  # noqa: PLC0415 - heavy (transformers): after the config is known good
 
             with stops.abortable("model loading"):
-                trainer = Trainer(config, output_dir=out)
+                trainer = Trainer(config, output_dir=out, on_start=_hydra_record(out))
             summary = trainer.train()
         late_signal = stops.signum  # a stop that came after the last step (final evaluation): the run finished
     except RunInterrupted as exc:
@@ -141,12 +179,15 @@ def _run(cfg) -> dict:
         if fresh_dir:
             _remove_if_untouched(Path(out))
         raise
+    finally:
+        _drop_pending_record(out)
     final = summary.get("final") or {}
     base = summary.get("base") or {}
     if summary.get("status") == "finished":
-        print(f"[fdiv-align] {config.divergence.name} on {config.task.name}: alignment {_fmt(base.get('alignment'))} "
-              f"(base) -> {_fmt(final.get('alignment'))}; KL(pi||a) {_fmt(final.get('kl_pi_a'), 3)}; "
-              f"{summary['wall_seconds_this_run']:.0f}s; run dir {out}")
+        if int(os.environ.get("RANK", "0")) == 0:  # one line per run, not one per process
+            print(f"[fdiv-align] {config.divergence.name} on {config.task.name}: alignment {_fmt(base.get('alignment'))} "
+                  f"(base) -> {_fmt(final.get('alignment'))}; KL(pi||a) {_fmt(final.get('kl_pi_a'), 3)}; "
+                  f"{summary['wall_seconds_this_run']:.0f}s; run dir {out}")
         if late_signal is not None:  # the run is complete, but the user asked to stop: a sweep must not go on
             print(f"[fdiv-align] {signal.Signals(late_signal).name} arrived after the last step: this run finished and "
                   f"was saved; stopping here", file=sys.stderr, flush=True)
@@ -197,10 +238,16 @@ def _pair_run(schema, runner, program: str, describe):
 
         out = HydraConfig.get().runtime.output_dir
         config = from_dict(_container(cfg), schema)
-        summary = runner(config, out)
+        try:
+            summary = runner(config, out, on_start=_hydra_record(out))
+        finally:
+            _drop_pending_record(out)
         if summary["status"] == "interrupted":
-            print(f"[{describe(config)}] interrupted at step {summary['step']}; checkpoint saved in {out}/checkpoints. "
-                  f"To resume, run:\n  {_resume_command(out, program)}", file=sys.stderr, flush=True)
+            if summary["saved"]:
+                print(f"[{describe(config)}] interrupted at step {summary['step']}; checkpoint saved in {out}/checkpoints. "
+                      f"To resume, run:\n  {_resume_command(out, program)}", file=sys.stderr, flush=True)
+            else:
+                _remove_if_untouched(Path(out))
             _exit_by_signal(summary["signal"])
         final, initial = summary["final"], summary["initial"]
         start = f"{initial['heldout_accuracy']:.3f} -> " if initial else ""

@@ -384,7 +384,19 @@ def validate_pairs(cfg: RewardModelConfig | PreferenceOptConfig) -> None:
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """The config as plain data (dicts, lists, strings, numbers, None: choices as their strings), as JSON,
+    YAML and a weights-only checkpoint hold it."""
+    return _plain(dataclasses.asdict(cfg))
+
+
+def _plain(value):
+    if isinstance(value, Choice):
+        return value.value
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def register_configs() -> None:

@@ -139,6 +139,9 @@ def _settings(run) -> str:
 #: at most this many pooled QRS texts enter the target row's Distinct-n and Self-BLEU (both depend on the
 #: number of texts: compare with rows evaluated on as many samples)
 TARGET_TEXTS = 256
+#: fewer accepted QRS samples than this, or a single distinct text, and the target row says its estimates are
+#: not meaningful instead of printing a bound
+MIN_TARGET_SAMPLES = 30
 
 
 def target_row(runs: list[dict]) -> dict | None:
@@ -168,6 +171,10 @@ def target_row(runs: list[dict]) -> dict | None:
     proposed = sum(f["qrs_proposed"] for f in finals)
     bounds = [f["qrs_tv_bound"] for f in finals if f.get("qrs_tv_bound") is not None]
     bound = f", estimated TV(p, p_β) ≤ {max(bounds):.3f} (largest over runs)" if bounds else ""
+    distinct = len(set(texts))
+    if n < MIN_TARGET_SAMPLES or distinct < 2:
+        bound = (f" — NOT MEANINGFUL: {n} accepted sample(s), {distinct} distinct text(s); a proposal this narrow "
+                 f"cannot show p's support, so these estimates (and any TV bound) say nothing about p")
     which = ("" if not floors else f" (those without log_phi_floor; runs with {floors} aim at p_ε)" if exact
              else f" (all with log_phi_floor {floors}: this is p_ε)")
     desc = (f"QRS from the final policies of {len(finals)} runs below{which}: {n} of {proposed} proposals accepted "
@@ -179,6 +186,18 @@ def target_row(runs: list[dict]) -> dict | None:
 
 def _floor(run: dict):
     return run["summary"].get("config", {}).get("divergence", {}).get("log_phi_floor")
+
+
+def _check_distinct_seeds(task: str, divergence: str, runs: list[dict]) -> None:
+    """A row's ± is over seeds: two runs of one seed in a row (copies of a run, or two settings) are refused."""
+    seen = {}
+    for r in runs:
+        seed = r["summary"]["seed"]
+        if seed in seen:
+            raise ValueError(f"{task}/{divergence}: runs {seen[seed]} and {r['dir']} both have seed {seed}; a row's ± is "
+                             f"over seeds, so each run in it needs its own seed. Copies of one run: give one; runs of "
+                             f"different settings: report them separately")
+        seen[seed] = r["dir"]
 
 
 def tables(runs: list[dict]) -> str:
@@ -209,6 +228,7 @@ def tables(runs: list[dict]) -> str:
         values = {k: {d: [r["summary"]["final"].get(k) for r in rs] for d, rs in per_seed.items()} for k, _ in COLUMNS}
         separable = {k: separable_cells(v) for k, v in values.items()}
         for div, rs in per_seed.items():
+            _check_distinct_seeds(task, div, rs)
             cells = [_cell(k, values[k][div]) + ("" if div in separable[k] or _cell(k, values[k][div]) == "–" else " ~")
                      for k, _ in COLUMNS]
             seeds = ",".join(str(r["summary"]["seed"]) for r in rs)

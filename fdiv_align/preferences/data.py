@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..files import atomic_write_text
+from ..files import atomic_write_text, read_lines
 
 __all__ = ["PreferencePair", "PreferenceDataError", "load_preferences", "write_preferences", "synthetic_preferences"]
 
@@ -74,21 +74,24 @@ def load_preferences(path: str | Path) -> list[PreferencePair]:
     if not path.is_file():
         raise PreferenceDataError(f"preference file {str(path)!r} does not exist")
     pairs, seen = [], {}
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise PreferenceDataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            pair = _check_row(row, where)
-            key = (pair.prompt, pair.chosen, pair.rejected)
-            if key in seen:
-                raise PreferenceDataError(f"{where}: the same (prompt, chosen, rejected) as line {seen[key]}")
-            seen[key] = number
-            pairs.append(pair)
+    try:
+        lines = read_lines(path)
+    except ValueError as exc:  # not UTF-8: the message names the line
+        raise PreferenceDataError(str(exc)) from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PreferenceDataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        pair = _check_row(row, where)
+        key = (pair.prompt, pair.chosen, pair.rejected)
+        if key in seen:
+            raise PreferenceDataError(f"{where}: the same (prompt, chosen, rejected) as line {seen[key]}")
+        seen[key] = number
+        pairs.append(pair)
     if not pairs:
         raise PreferenceDataError(f"{path}: no preference pairs (the file is empty)")
     return pairs

@@ -16,8 +16,12 @@ ties counted ½ — with its binomial standard error √(acc(1−acc)/n), at the
 ``eval_at_start`` is false; summary.json's ``initial`` is then null) and after every epoch, ``eval_batch_size``
 pairs per forward.
 Checkpoints (fdiv_align/training/checkpoint.py: atomic, verified) every ``checkpoint_every`` steps and at the end;
-a rerun resumes from the newest one, and re-draws exactly the same batches. metrics.jsonl holds one
-record per step and per evaluation; summary.json (written atomically, last) the outcome.
+a rerun resumes from the newest one, and re-draws exactly the same batches; its config is checked against the
+checkpoint's as the trainer's is (fdiv_align/training/config_changes.py). metrics.jsonl holds one record per step
+and per evaluation; summary.json (written atomically, last) the outcome. Stop signals as in the trainer: during
+model loading the run ends at once, with nothing written; later the step in flight is finished and checkpointed.
+Every pair must fit the model's context window (prompt, response and the end-of-sequence token), checked before
+training, naming the pair.
 """
 
 from __future__ import annotations
@@ -30,15 +34,16 @@ from pathlib import Path
 
 import torch
 
-from ..lm.batch import make_batch
-from ..training.interrupts import stop_requests
+from ..lm.batch import encode_contexts, make_batch
+from ..training.config_changes import check_config_changes
+from ..training.interrupts import RunInterrupted, stop_requests
 from ..training.metrics import MetricsLogger, say
 from ..training.run_dir import RunDir
 from ..objectives.preference_loss import bradley_terry_loss, check_f_dpo_divergence, f_dpo_margin, pairwise_nll
 from .data import PreferencePair
 
 __all__ = ["RewardModelObjective", "FDPOObjective", "split_pairs", "pairwise_accuracy", "train_on_pairs",
-           "run_reward_model", "run_preference_opt"]
+           "run_reward_model", "run_preference_opt", "check_pair_lengths"]
 
 
 #: the held-out split is drawn from seed ``training.seed + SPLIT_SEED_OFFSET``
@@ -142,42 +147,39 @@ def _evaluate(objective, pairs: list[PreferencePair], batch_size: int) -> dict:
 
 
 def train_on_pairs(objective, pairs: list[PreferencePair], training, run_dir: str | os.PathLike,
-                   config: dict | None = None, on_finish=None, artifacts: tuple[str, ...] = ()) -> dict:
+                   config: dict | None = None, on_finish=None, artifacts: tuple[str, ...] = (), on_start=None) -> dict:
     """Train ``objective`` on ``pairs`` as ``training`` (:class:`fdiv_align.config.PairTrainingConfig`)
     says, in ``run_dir`` (see the module docstring); ``on_finish(run_dir, summary)`` writes the artifact
     (e.g. the reward model; ``artifacts`` its names, set aside with the records on a fresh start) before
-    summary.json. Returns the summary.
+    summary.json; ``on_start()`` is called once the directory holds this run (as the trainer's). Returns the summary.
 
     Stop signals as in the f-DPG trainer (fdiv_align/training/interrupts.py): the step in flight is
     finished, checkpointed, and ``{"status": "interrupted", ...}`` returned; a rerun continues exactly."""
     with stop_requests() as stops:
-        return _train_on_pairs(objective, pairs, training, RunDir(run_dir, artifacts=artifacts), config or {}, on_finish,
-                               stops)
+        directory = RunDir(run_dir, artifacts=artifacts)
+        try:
+            return _train_on_pairs(objective, pairs, training, directory, config or {}, on_finish, on_start, stops)
+        finally:
+            directory.close()
 
 
-def _train_on_pairs(objective, pairs, training, run_dir: RunDir, config: dict, on_finish, stops) -> dict:
+def _train_on_pairs(objective, pairs, training, run_dir: RunDir, config: dict, on_finish, on_start, stops) -> dict:
     t0 = time.perf_counter()
     train, heldout = split_pairs(pairs, training.eval_fraction, training.seed)
     total = training.epochs * math.ceil(len(train) / training.batch_size)
     optimizer = torch.optim.AdamW(objective.parameters, lr=training.lr, weight_decay=training.weight_decay)
     logger = MetricsLogger(run_dir.path, True, None, config)
-    step, initial = 0, None
-    found = run_dir.latest_checkpoint() if training.resume else None
-    if found is not None:
-        step, state, _ = found
-        objective.load_state(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        initial = state["initial"]
-        logger.truncate_after(step)
-    else:
-        run_dir.set_aside("a fresh start" if training.resume else "training.resume=false")
-        if training.eval_at_start:
-            initial = _evaluate(objective, heldout, training.eval_batch_size)
-            logger.log(0, initial)
+    found = _resume(objective, optimizer, training, run_dir, config, logger)
+    step, initial = (found[0], found[1]["initial"]) if found is not None else (0, None)
+    if on_start is not None:
+        on_start()
+    if found is None and training.eval_at_start:
+        initial = _evaluate(objective, heldout, training.eval_batch_size)
+        logger.log(0, initial)
 
     def save():
         return run_dir.save_checkpoint(step, {"model": objective.state(), "optimizer": optimizer.state_dict(),
-                                              "initial": initial}, keep=training.keep_checkpoints)
+                                              "initial": initial, "config": config}, keep=training.keep_checkpoints)
 
     bar = None
     if training.progress:
@@ -218,6 +220,23 @@ def _train_on_pairs(objective, pairs, training, run_dir: RunDir, config: dict, o
     return summary
 
 
+def _resume(objective, optimizer, training, run_dir: RunDir, config: dict, logger) -> tuple | None:
+    """The newest checkpoint (step, state, path) loaded into ``objective`` and ``optimizer`` after its config is
+    checked against ``config``; None — a fresh start, an earlier run's files set aside — when there is none or
+    ``training.resume`` is false."""
+    found = run_dir.latest_checkpoint() if training.resume else None
+    if found is None:
+        run_dir.set_aside("no checkpoint to resume from" if training.resume else "training.resume=false")
+        return None
+    step, state, path = found
+    for change in check_config_changes(state.get("config"), config, f"the checkpoint {path}", "training.resume=false"):
+        say(f"resuming with a changed setting: {change}")
+    objective.load_state(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    logger.truncate_after(step)
+    return found
+
+
 def _pair_step(objective, optimizer, train: list[PreferencePair], training, step: int) -> dict:
     """Step ``step + 1``: the batch at position ``step`` of its epoch's permutation (drawn from (seed, epoch)),
     loss, backward, clipping and the optimiser step; returns the step's record."""
@@ -240,8 +259,9 @@ def _pair_step(objective, optimizer, train: list[PreferencePair], training, step
             "grad_norm": float(grad_norm), "epoch": epoch, "seconds": time.perf_counter() - started}
 
 
-def _load_for_pairs(cfg):
-    """Checks, preference data, threads and the model of a pair-training config (before anything is written)."""
+def _load_for_pairs(cfg, stops):
+    """Checks, preference data, threads and the model of a pair-training config (before anything is written);
+    a stop signal during model loading ends it (:class:`RunInterrupted`)."""
     from ..config import validate_pairs
     from ..lm.models import load_configured, resolve_device
     from .data import load_preferences
@@ -252,19 +272,53 @@ def _load_for_pairs(cfg):
         torch.set_num_threads(cfg.training.threads)
     device = resolve_device(cfg.model.device)
     torch.manual_seed(cfg.training.seed)
-    lm = load_configured(cfg.model, device)
+    with stops.abortable("model loading"):
+        lm = load_configured(cfg.model, device)
+    check_pair_lengths(pairs, lm.tokenizer, getattr(lm.model.config, "max_position_embeddings", None), cfg.training.data)
     torch.manual_seed(cfg.training.seed)  # the head / LoRA initialisation depends on the seed alone
     return pairs, lm, device
 
 
-def run_reward_model(cfg, run_dir: str | os.PathLike) -> dict:
+def check_pair_lengths(pairs: list[PreferencePair], tokenizer, window: int | None, source: str = "the data") -> None:
+    """Every pair's prompt + response + end-of-sequence token within the model's ``window`` of positions (None:
+    no limit); otherwise a ValueError naming the first pair too long (its number in ``source``, 1-based, and
+    its length)."""
+    if window is None:
+        return
+    for number, pair in enumerate(pairs, 1):
+        prompt = len(encode_contexts(tokenizer, [pair.prompt])[0])
+        response = max(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in (pair.chosen, pair.rejected))
+        if prompt + response + 1 > window:
+            raise ValueError(f"pair {number} of {source} (prompt {pair.prompt[:60]!r}) is {prompt + response + 1} tokens "
+                             f"long (prompt {prompt} + longest response {response} + end of sequence), more than the "
+                             f"model's {window} positions: shorten or drop it")
+
+
+def _interruptible(run):
+    """``run(cfg, run_dir, stops, on_start)`` under the run's stop handling: a signal during model loading
+    returns ``{"status": "interrupted", "step": 0, "saved": False, ...}`` at once."""
+
+    def runner(cfg, run_dir: str | os.PathLike, on_start=None) -> dict:
+        with stop_requests() as stops:
+            try:
+                return run(cfg, run_dir, stops, on_start)
+            except RunInterrupted as exc:
+                say(f"interrupted during {exc.phase}: no step was taken, nothing to save")
+                return {"status": "interrupted", "step": 0, "signal": exc.signum, "saved": False}
+
+    runner.__doc__, runner.__name__, runner.__qualname__ = run.__doc__, run.__name__, run.__qualname__
+    return runner
+
+
+@_interruptible
+def run_reward_model(cfg, run_dir: str | os.PathLike, stops, on_start) -> dict:
     """``fdiv-align-rm``: train a reward model (:class:`fdiv_align.config.RewardModelConfig`) and save it as
     ``<run_dir>/reward_model.pt`` (fdiv_align/targets/reward_model.py), written only once training has finished."""
     from ..config import to_dict
     from ..lm.policy import maybe_lora
     from ..targets.reward_model import REWARD_MODEL_FILE, RewardModel, save_reward_model
 
-    pairs, lm, _ = _load_for_pairs(cfg)
+    pairs, lm, _ = _load_for_pairs(cfg, stops)
     model, use_lora = maybe_lora(lm.model, cfg.model)
     rm = RewardModel(model, lm.tokenizer)
     model_cfg = {**to_dict(cfg)["model"], "lora": use_lora}
@@ -273,10 +327,11 @@ def run_reward_model(cfg, run_dir: str | os.PathLike) -> dict:
         summary["reward_model"] = str(save_reward_model(rm, run_dir, model_cfg, summary["final"]))
 
     return train_on_pairs(RewardModelObjective(rm, cfg.use_margin), pairs, cfg.training, run_dir, to_dict(cfg), finish,
-                          artifacts=(REWARD_MODEL_FILE,))
+                          artifacts=(REWARD_MODEL_FILE,), on_start=on_start)
 
 
-def run_preference_opt(cfg, run_dir: str | os.PathLike) -> dict:
+@_interruptible
+def run_preference_opt(cfg, run_dir: str | os.PathLike, stops, on_start) -> dict:
     """``fdiv-align-po``: offline f-DPO (:class:`fdiv_align.config.PreferenceOptConfig`); the trained LoRA
     adapter is saved in ``<run_dir>/final_model`` (fdiv_align/lm/export.py: PEFT's format with the tokenizer and
     a generation config, renamed into place once complete)."""
@@ -288,11 +343,11 @@ def run_preference_opt(cfg, run_dir: str | os.PathLike) -> dict:
     from ..lm.sampling import SamplingConfig
 
     divergence = check_f_dpo_divergence(get_divergence(cfg.divergence.name, **cfg.divergence.params))
-    pairs, lm, device = _load_for_pairs(cfg)
+    pairs, lm, device = _load_for_pairs(cfg, stops)
     policy = prepare_policy(cfg.model, lm, device, compute_plan("fp32", None, device), SamplingConfig())
 
     def finish(run_dir: Path, summary: dict) -> None:
         summary["final_model"] = str(save_final_model(policy, run_dir / FINAL_MODEL_DIR))
 
     return train_on_pairs(FDPOObjective(policy, divergence, cfg.beta), pairs, cfg.training, run_dir, to_dict(cfg), finish,
-                          artifacts=(FINAL_MODEL_DIR,))
+                          artifacts=(FINAL_MODEL_DIR,), on_start=on_start)

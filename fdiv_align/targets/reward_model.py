@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..files import atomic_path
+from ..files import atomic_path, safe_torch_load
 from ..lm.batch import make_batch
 from ..lm.scoring import last_token_hidden
 
@@ -111,7 +111,7 @@ def load_reward_model(path: str | os.PathLike, device: str | torch.device = "cpu
     if not file.exists():
         raise FileNotFoundError(f"no reward model at {file} (train one with fdiv-align-rm; its run directory holds "
                                 f"{REWARD_MODEL_FILE})")
-    state = torch.load(file, map_location="cpu", weights_only=False)
+    state = safe_torch_load(file)
     if not isinstance(state, dict) or state.get("format") != _FORMAT:
         raise RewardModelError(f"{file} is not a reward model saved by fdiv_align (format "
                                f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r}, expected {_FORMAT!r})")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..files import read_lines
 from ..lm.batch import Batch
 from ..objectives.divergences import floored_log_target
 from ..lm.logprobs import SamplingConfig
@@ -122,12 +123,16 @@ def load_contexts(source, column: str | None = None) -> list:
             contexts = _dataset_column(path, column)
         elif path.suffix == ".jsonl":
             contexts = []
-            for n, line in enumerate(path.read_text().splitlines(), 1):
+            for n, line in enumerate(read_lines(path), 1):
                 if not line.strip():
                     continue
-                contexts.append(_prompt_of(json.loads(line), column, f"{path}:{n}"))
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{n}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+                contexts.append(_prompt_of(row, column, f"{path}:{n}"))
         else:
-            contexts = [line for line in path.read_text().splitlines() if line.strip()]
+            contexts = [line for line in read_lines(path) if line.strip()]
     if not contexts:
         raise ValueError(f"no contexts in {source!r}")
     for i, c in enumerate(contexts):

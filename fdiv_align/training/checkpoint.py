@@ -14,6 +14,13 @@ parameters, the optimiser moments and the proposal with ``torch.distributed.chec
 else, small) and the manifest (every file, the shards included) and renames the directory into place, so the
 same guarantees hold. DCP stores each tensor's global shape, so :func:`load_sharded` reads a sharded
 checkpoint at any world size — into DTensors sharded another way, or into whole tensors in one process.
+
+Reading a checkpoint runs no code from it: ``state.pt`` is read with ``torch.load(weights_only=True)``
+(tensors, numbers, strings and containers; older checkpoints' numpy random state and config choices are
+allow-listed types whose construction runs nothing else), DCP's shard files the same way (inside DCP), and
+DCP's ``.metadata`` pickle by an unpickler that constructs only DCP's own metadata classes, torch dtypes, sizes
+and layouts, and paths (:class:`SafeMetadataReader`). A file that needs anything else is refused
+(:class:`UnsafeCheckpointError`), naming the file and what it asked for.
 """
 
 from __future__ import annotations
@@ -21,13 +28,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import warnings
 from pathlib import Path
 
 import torch
 
-from ..files import atomic_path
+from ..files import UnsafeCheckpointError, atomic_path, safe_torch_load
 
 __all__ = ["save_checkpoint", "save_sharded_checkpoint", "load_sharded", "load_latest", "list_checkpoints",
            "verify_checkpoint", "checkpoint_step", "read_checkpoint", "CorruptCheckpointsError"]
@@ -98,8 +106,52 @@ def load_sharded(path: Path, template: dict) -> dict:
     sharded checkpoint at ``path``; every rank of the process group (if any) calls it."""
     import torch.distributed.checkpoint as dcp
 
-    dcp.load(template, checkpoint_id=Path(path) / SHARDED)
+    folder = Path(path) / SHARDED
+    with open(folder / ".metadata", "rb") as f:  # refused here, by name, rather than inside DCP's collective
+        _MetadataUnpickler(f).load()
+    dcp.load(template, storage_reader=_safe_metadata_reader(folder))
     return template
+
+
+def _safe_metadata_reader(path: Path):
+    """DCP's file-system reader with :meth:`read_metadata` through a restricted unpickler (see the module docstring)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeMetadataReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            rank = kwargs.get("rank")
+            with open(self._get_metadata_path(rank), "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeMetadataReader(path)
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Constructs only DCP's metadata dataclasses, torch dtypes, ``torch.Size``, layouts and paths."""
+
+    _DCP = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
+            "torch.distributed.checkpoint.planner")
+    _ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+                ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
+                ("pathlib", "PureWindowsPath"), ("pathlib", "Path"), ("builtins", "set"), ("builtins", "frozenset")}
+
+    def find_class(self, module, name):
+        import dataclasses
+        import enum
+
+        found = super().find_class(module, name) if module in self._DCP or (module, name) in self._ALLOWED \
+            or module == "torch" else None
+        if (module, name) in self._ALLOWED or (module == "torch" and isinstance(found, torch.dtype)):
+            return found
+        if module in self._DCP and isinstance(found, type) and (dataclasses.is_dataclass(found) or issubclass(found, enum.Enum)):
+            return found
+        raise UnsafeCheckpointError(f"the DCP metadata of a sharded checkpoint asks for {module}.{name}, which is not "
+                                    f"checkpoint metadata: not loaded (it was not written by fdiv_align, or was altered)")
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
@@ -133,7 +185,7 @@ def checkpoint_step(path: Path) -> int:
 
 def read_checkpoint(path: Path) -> dict:
     """The state a (verified) checkpoint holds."""
-    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    return safe_torch_load(path / STATE_FILE)
 
 
 def load_latest(root: str | Path) -> tuple[int, dict, Path] | None:

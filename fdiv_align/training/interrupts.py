@@ -26,8 +26,11 @@ __all__ = ["RunInterrupted", "ForcedStop", "StopRequests", "stop_requests"]
 SIGNALS = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None)) if s is not None)
 
 
-class RunInterrupted(Exception):
-    """A stop signal arrived during an abortable phase; ``signum`` is the signal."""
+class RunInterrupted(BaseException):
+    """A stop signal arrived during an abortable phase; ``signum`` is the signal. A ``BaseException``, like
+    ``KeyboardInterrupt``: code that handles errors (``except Exception``) — torch.compile's tracer wrapping
+    what it calls, a fallback path — must let it through, so that the stop is honoured the same way whatever
+    runs when the signal arrives."""
 
     def __init__(self, signum: int, phase: str):
         super().__init__(f"interrupted by {signal.Signals(signum).name} during {phase}")

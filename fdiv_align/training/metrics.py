@@ -73,7 +73,11 @@ class MetricsLogger:
     def truncate_after(self, step: int) -> None:
         """On resume: drop records of steps after the checkpoint (they will be redone). A torn last line — what
         a crash or a full disk leaves in an append-only log — is dropped with a message; any other line that
-        is not JSON is an error naming the file and the line."""
+        is not JSON is an error naming the file and the line. A metrics.jsonl missing after steps were taken is
+        said (its records are lost; the run goes on and logs from here)."""
+        if self.jsonl and step > 0 and not self.path.exists():
+            say(f"warning: {self.path} is missing: the records of steps 1..{step} are lost (the checkpoint holds the "
+                f"state, not the log); records continue from step {step + 1}")
         for path in (self.path, self.samples_path):
             if path.exists():
                 records, torn = read_jsonl(path)

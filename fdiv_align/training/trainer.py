@@ -46,6 +46,7 @@ from ..objectives.loss import FDivergenceLoss, FDPGLossOutput
 from ..targets import BaseLM, load_contexts
 from ..targets.tasks import Task, get_task
 from .checkpoint import list_checkpoints, load_sharded
+from .config_changes import check_config_changes
 from .distributed import data_parallel, process_group, shard_like, whole
 from .evaluation import Evaluator
 from .export import export_trainable
@@ -71,18 +72,24 @@ class TrainState:
     samples_seen: int = 0
     base_eval: dict | None = None  # the evaluation before the first step
     pending_eval: bool = False  # the evaluation due at this step has not been logged yet
+    final_eval: dict | None = None  # the final evaluation, once logged (cleared by any further step)
+    collapsed_at: int | None = None  # the first step whose samples were one text per context (said once)
 
 
 def rng_states(generator: torch.Generator) -> dict:
+    """The random states of a run as tensors and plain data (what a weights-only checkpoint holds)."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     return {"torch": torch.get_rng_state(), "generator": generator.get_state(), "python": random.getstate(),
-            "numpy": np.random.get_state()}
+            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached_gaussian)}
 
 
 def restore_rng_states(states: dict, generator: torch.Generator) -> None:
     torch.set_rng_state(states["torch"])
     generator.set_state(states["generator"])
     random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    name, keys, *rest = states["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else keys  # older checkpoints hold the array
+    np.random.set_state((name, keys.astype(np.uint32), *rest))
 
 
 def progress_postfix(record: dict) -> dict:
@@ -102,11 +109,13 @@ class Trainer:
 
     ``lm`` and ``task`` may be given directly (tests, custom targets); otherwise they are built
     from ``cfg.model`` and ``cfg.task``. ``callbacks`` are called as ``cb(trainer, step, record)``
-    after every step.
+    after every step. ``on_start()`` is called (on rank 0) once the output directory is known to hold this
+    run — a fresh start's old files set aside, or a resumed or finished run's config checked
+    (fdiv_align/training/config_changes.py) — before anything is trained; the CLI records Hydra's config there.
     """
 
     def __init__(self, cfg: Config, lm: LoadedModel | None = None, task: Task | None = None,
-                 output_dir: str | os.PathLike | None = None, callbacks=()):
+                 output_dir: str | os.PathLike | None = None, callbacks=(), on_start=None):
         require("train", "fdiv_align.Trainer")
         self.cfg = cfg
         tc = cfg.trainer
@@ -131,6 +140,7 @@ class Trainer:
         self.output_dir = Path(output_dir or cfg.output_dir or Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
         self.run_dir = RunDir(self.output_dir, writer=self.rank == 0, artifacts=(FINAL_MODEL_DIR,))
         self.callbacks = list(callbacks)
+        self.on_start = on_start
 
         self.device = resolve_device(cfg.model.device)
         self.plan = compute_plan(tc.precision, tc.compile, self.device, tc.fp32_head, tc.fused_logprobs)
@@ -335,6 +345,10 @@ class Trainer:
         else:
             estimates = {k: v for k, v in estimates.items() if k in ("kl_pi_a", "alignment")}
         live = ~loss.skipped
+        distinct = len(set(zip(rollout.context_texts, rollout.texts)))
+        if distinct == len(set(rollout.context_texts)) < len(rollout) and self.state.collapsed_at is None:
+            self.state.collapsed_at = self.step
+            say(f"warning: {self._collapse_warning(len(rollout))}")
         record = {
             "kind": "train",
             "loss": surrogate,
@@ -346,6 +360,7 @@ class Trainer:
             "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": grad_norm,
             "samples_seen": self.samples_seen,
+            "distinct_samples": distinct,  # distinct (context, text) pairs among the step's samples
             **timings,
             "samples_per_second": len(rollout) / timings["seconds"],
         }
@@ -364,6 +379,11 @@ class Trainer:
         key = "kl_p_pi" if self.proposal.criterion == "fkl" else "tv"
         to_q = estimate_divergences(rollout.log_q, rollout.log_q, rollout.log_P, log_z)[key]
         return estimates[key].value, to_q.value
+
+    def _collapse_warning(self, n: int) -> str:
+        return (f"step {self.state.collapsed_at}: the {n} samples were one text per context — the policy may have "
+                f"collapsed onto single sequences (every sample identical, e.g. empty), where the gradient vanishes and "
+                f"it cannot recover; a smaller trainer.lr usually avoids it (samples.jsonl shows the texts)")
 
     def _non_finite_message(self, grad_norm: float, loss: FDPGLossOutput) -> str:
         coefficients = loss.coefficients[~loss.skipped]
@@ -419,26 +439,43 @@ class Trainer:
         returned; rerunning in the same output directory continues exactly. A second signal exits at once.
         """
         with stop_requests() as stops:
-            t_start = time.perf_counter()
-            tc = self.cfg.trainer
-            previous = self.run_dir.summary() if tc.resume else None
-            if previous and previous.get("status") == "finished" and previous.get("steps") == tc.steps:
-                return previous  # a finished run (e.g. a resumed sweep): nothing to redo
-            fits = None
-            if not (tc.resume and self._resume()):
-                try:
-                    fits = self._start(stops)
-                except RunInterrupted as exc:
-                    say(f"interrupted during {exc.phase}: no step was taken, nothing to save")
-                    self._close()
-                    return {"status": "interrupted", "step": 0, "signal": exc.signum, "saved": False}
-            self._run_steps(stops)
-            if stops.requested:
-                path = self.save()
-                say(f"stopped at step {self.step}; checkpoint {path}")
+            try:
+                return self._fit(stops, time.perf_counter())
+            finally:
                 self._close()
-                return {"status": "interrupted", "step": self.step, "signal": int(stops.signum), "saved": True}
-            return self._finish(fits, t_start)
+
+    def _fit(self, stops, t_start: float) -> dict:
+        tc = self.cfg.trainer
+        previous = self.run_dir.summary() if tc.resume else None
+        if previous is not None and previous.get("status") == "finished":
+            check_config_changes(previous.get("config"), to_dict(self.cfg), f"the finished run in {self.output_dir}",
+                                 "trainer.resume=false")
+            if previous.get("steps") == tc.steps:
+                self._started()
+                return previous  # a finished run (e.g. a resumed sweep): nothing to redo
+        fits = None
+        if not (tc.resume and self._resume()):
+            try:
+                fits = self._start(stops)
+            except RunInterrupted as exc:
+                say(f"interrupted during {exc.phase}: no step was taken, nothing to save")
+                return {"status": "interrupted", "step": 0, "signal": exc.signum, "saved": False}
+        self._run_steps(stops)
+        if not stops.requested and tc.steps > 0 and self.state.final_eval is None:
+            try:
+                with self.abortable(stops, "the final evaluation"):
+                    self.state.final_eval = self._evaluate_and_log()
+            except RunInterrupted:
+                pass  # redone on resume: the checkpoint below has no final evaluation
+        if stops.requested:
+            path = self.save()
+            say(f"stopped at step {self.step}; checkpoint {path}")
+            return {"status": "interrupted", "step": self.step, "signal": int(stops.signum), "saved": True}
+        return self._finish(fits, t_start)
+
+    def _started(self) -> None:
+        if self.on_start is not None and self.rank == 0:
+            self.on_start()
 
     def _resume(self) -> bool:
         """Load the newest intact checkpoint (True), or find none (False). Checkpoints that all fail
@@ -451,12 +488,14 @@ class Trainer:
         if self.logger is not None:
             self.logger.truncate_after(self.step)
         say(f"resumed from {path} (step {self.step} of {self.cfg.trainer.steps})")
+        self._started()
         return True
 
     def _start(self, stops) -> dict | None:
         """A fresh start: an earlier run's files set aside, the distributional constraints fitted (their
         fit is returned) and the base evaluated — abortable, nothing is saved before the first step."""
-        self.run_dir.set_aside("trainer.resume=false")
+        self.run_dir.set_aside("trainer.resume=false" if not self.cfg.trainer.resume else "no checkpoint to resume from")
+        self._started()
         if self.plan.compile:
             say("compiling the fused log-prob kernels with torch.compile (first run only; then cached)")
         with self.abortable(stops, "the base evaluation"):
@@ -488,6 +527,7 @@ class Trainer:
                     self.generator.set_state(random_state[0])
                     torch.set_rng_state(random_state[1])
                     break
+                self.state.final_eval = None  # a step after a final evaluation (a finished run extended)
                 self._log(record)
                 if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.steps:
                     self.state.pending_eval = True
@@ -504,9 +544,10 @@ class Trainer:
                 bar.close()
 
     def _finish(self, fits: dict | None, t_start: float) -> dict:
-        """The final evaluation, checkpoint and model (``final_model/``: fdiv_align/lm/export.py), then summary.json."""
+        """The final checkpoint (with the final evaluation, logged by :meth:`_fit`) and model (``final_model/``:
+        fdiv_align/lm/export.py), then summary.json."""
         tc = self.cfg.trainer
-        final = self._evaluate_and_log() if tc.steps > 0 else self.state.base_eval
+        final = self.state.final_eval if tc.steps > 0 else self.state.base_eval
         if tc.checkpoint_every:
             self.save()
         final_model = self._save_final_model()
@@ -517,6 +558,8 @@ class Trainer:
                             f"the policy was never updated; the target may be unreachable from the base model")
         for warning in warnings:
             say(f"warning: {warning}")
+        if self.state.collapsed_at is not None:  # said when it happened
+            warnings.append(self._collapse_warning(tc.samples_per_step))
         summary = {"status": "finished", "steps": self.step, "samples_seen": self.samples_seen,
                    "divergence": self.divergence.name, "task": self.task.name, "model": self.cfg.model.name,
                    "lora": self.policy.use_lora, "seed": tc.seed, "base": self.state.base_eval, "final": final,
@@ -524,7 +567,6 @@ class Trainer:
                    "final_model": None if final_model is None else str(final_model),
                    "config": to_dict(self.cfg), "wall_seconds_this_run": time.perf_counter() - t_start}
         self.run_dir.write_summary(summary)
-        self._close()
         return summary
 
     def _save_final_model(self) -> Path | None:
@@ -537,8 +579,10 @@ class Trainer:
         return save_final_model(self.policy, out) if self.rank == 0 else None
 
     def _close(self) -> None:
+        """Close the sinks and release the run directory (idempotent)."""
         if self.logger is not None:
             self.logger.close()
+        self.run_dir.close()
 
     # ------------------------------------------------------------------ checkpoints
     @property
@@ -581,10 +625,9 @@ class Trainer:
 
     def load_state_dict(self, state: dict, path: Path | None = None) -> None:
         """Restore a checkpoint's ``state`` (and, for a sharded one, the shards in its directory ``path``)."""
-        saved, now = state["config"], to_dict(self.cfg)
-        for group in ("model", "divergence", "task"):
-            if saved[group] != now[group]:
-                raise ValueError(f"cannot resume: the checkpoint's {group} config {saved[group]} differs from the current {now[group]}")
+        where = f"the checkpoint {path}" if path is not None else "the checkpoint"
+        for change in check_config_changes(state.get("config"), to_dict(self.cfg), where, "trainer.resume=false"):
+            say(f"resuming with a changed setting: {change}")
         if state.get("sharded"):
             self._load_sharded(state, path)
         else:
