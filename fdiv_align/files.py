@@ -26,7 +26,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["safe_torch_load", "UnsafeCheckpointError", "atomic_path", "atomic_write_text", "fsync_path", "read_jsonl", "read_lines", "finish_interrupted_writes"]
+__all__ = ["safe_torch_load", "UnsafeCheckpointError", "atomic_path", "atomic_write_text", "fsync_path", "read_jsonl",
+           "read_lines", "finish_interrupted_writes"]
 
 TEMPORARY, ASIDE = ".tmp-", ".old-"  # the name prefixes of atomic_path's temporaries and set-aside old copies
 

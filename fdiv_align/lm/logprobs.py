@@ -137,10 +137,15 @@ def fused_head_operands(head, hidden: torch.Tensor, config, head_dtype: torch.dt
 
 
 def fused_token_logprobs(hidden: torch.Tensor, head, targets: torch.Tensor, config, head_dtype: torch.dtype | None,
-                         compile: bool = True) -> torch.Tensor:
+                         compile: bool = True, kernel: str = "torch") -> torch.Tensor:
     """[B, T] log-probs of ``targets`` under the head and the sampler's temperature, by the fused kernel
     (never materialising [B·T, V] logits); ``head_dtype`` (e.g. bf16): the head's GEMMs in that dtype
-    (fp32 logits, see :mod:`fdiv_align.kernels.low_precision_head`); None = fp32."""
+    (fp32 logits, see :mod:`fdiv_align.kernels.low_precision_head`); None = fp32. ``kernel``: the plan's
+    (:attr:`fdiv_align.lm.precision.ComputePlan.kernel`)."""
     h, w, b = fused_head_operands(head, hidden, config, head_dtype)
     with torch.autocast(hidden.device.type, enabled=False):  # the head's own precision, like head_logits
+        if kernel == "triton":
+            from ..kernels.triton_logprobs import head_logprobs
+
+            return head_logprobs(h, w, targets, config.temperature, bias=b)
         return token_logprobs(h, w, targets, temperature=config.temperature, bias=b, compile=compile)

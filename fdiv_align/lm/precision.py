@@ -53,8 +53,10 @@ class ComputePlan:
     ``precision``: the transformer body's compute (``bf16``: autocast, :attr:`autocast_dtype`); the output
     head's GEMMs follow it unless ``fp32_head`` (:attr:`head_dtype`; the logits are fp32 either way, see
     :func:`fdiv_align.lm.logprobs.head_logits`); ``fused``: the fused lm_head → log-prob kernel for scoring
-    and the surrogate (:mod:`fdiv_align.kernels`), else the plain head + log-softmax; ``compile``: the
-    kernel's elementwise passes through torch.compile (False: eager, same values)."""
+    and the surrogate (:mod:`fdiv_align.kernels`), else the plain head + log-softmax; ``kernel``: which fused
+    kernel — ``torch`` (:mod:`fdiv_align.kernels.token_logprobs`: BLAS matmuls and compiled chunk math, tuned for
+    a CPU's caches) or ``triton`` (:mod:`fdiv_align.kernels.triton_logprobs`: on CUDA, when triton imports);
+    ``compile``: the torch kernel's elementwise passes through torch.compile (False: eager, same values)."""
 
     precision: str  # "fp32" | "bf16" (resolved)
     precision_reason: str
@@ -63,6 +65,7 @@ class ComputePlan:
     device: str
     fp32_head: bool = False
     fused: bool = True
+    kernel: str = "torch"  # "torch" | "triton": see choose_kernel
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -82,7 +85,8 @@ class ComputePlan:
 
     def describe(self) -> str:
         return (f"precision {self.precision} on {self.device} ({self.precision_reason}); "
-                f"torch.compile {'on' if self.compile else 'off'} ({self.compile_reason})")
+                f"torch.compile {'on' if self.compile else 'off'} ({self.compile_reason})"
+                + (f"; fused log-prob kernel: {self.kernel}" if self.fused else ""))
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -211,6 +215,17 @@ def choose_compile(requested: bool | None, device: torch.device) -> tuple[bool, 
     return ok, ("trainer.compile=true; " if requested else "auto: ") + why
 
 
+def choose_kernel(device: torch.device) -> str:
+    """The fused log-prob kernel for ``device``: ``triton`` on CUDA (where CUDA builds of torch bring triton), the
+    torch kernel elsewhere — the CPU's, tuned for its caches. On CUDA without triton the torch kernel runs there
+    too (its matmuls are cuBLAS)."""
+    if device.type != "cuda":
+        return "torch"
+    from torch.utils._triton import has_triton
+
+    return "triton" if has_triton() else "torch"
+
+
 def compute_plan(precision: str, compile: bool | None, device: torch.device, fp32_head: bool = False,
                  fused: bool = True) -> ComputePlan:
     """The run's :class:`ComputePlan` for ``trainer.precision``, ``trainer.compile``, ``trainer.fp32_head``
@@ -218,7 +233,7 @@ def compute_plan(precision: str, compile: bool | None, device: torch.device, fp3
     chosen, why = choose_precision(precision, device)
     do_compile, compile_why = choose_compile(compile, device)
     where = cpu_name() if device.type == "cpu" else str(device)
-    return ComputePlan(chosen, why, do_compile, compile_why, where, fp32_head, fused)
+    return ComputePlan(chosen, why, do_compile, compile_why, where, fp32_head, fused, choose_kernel(device))
 
 
 #: the plain fp32 path: no autocast, fp32 head GEMMs, unfused scoring — the default of sample/score

@@ -106,8 +106,14 @@ def weighted_logprob_sum(model, batch: Batch, sequence_weights: torch.Tensor, co
         h, weight, bias = fused_head_operands(head, h, config, plan.head_dtype)
         token_w = torch.where(m, w[:, None].expand_as(m), torch.zeros((), device=device))
         with torch.autocast(device.type, enabled=False):  # the head's own precision, like head_logits
-            total, tok_lp = weighted_token_logprob_sum(h, weight, batch.tokens.to(device), token_w, config.temperature,
-                                                       bias=bias, compile=plan.compile)
+            if plan.kernel == "triton":
+                from ..kernels.triton_logprobs import weighted_head_logprob_sum
+
+                total, tok_lp = weighted_head_logprob_sum(h, weight, batch.tokens.to(device), token_w, config.temperature,
+                                                          bias=bias)
+            else:
+                total, tok_lp = weighted_token_logprob_sum(h, weight, batch.tokens.to(device), token_w, config.temperature,
+                                                           bias=bias, compile=plan.compile)
     return WeightedLogprobSum(total, torch.where(m, tok_lp, torch.zeros_like(tok_lp)).sum(-1))
 
 
@@ -125,7 +131,7 @@ def score(model, batch: Batch, config: SamplingConfig = SamplingConfig(), paddin
         h, head = _continuation_hidden(model, batch, padding_side, pad_id)  # [B, T, H]
         targets = batch.tokens.to(device)
         if plan.fused:
-            tok_lp = fused_token_logprobs(h.float(), head, targets, config, plan.head_dtype, plan.compile)
+            tok_lp = fused_token_logprobs(h.float(), head, targets, config, plan.head_dtype, plan.compile, plan.kernel)
         else:
             logp = transformed_logprobs(head_logits(head, h, plan.head_dtype), config)
             tok_lp = logp.gather(-1, targets[..., None]).squeeze(-1)
