@@ -77,6 +77,12 @@ class Parallel(Choice):
     fsdp = "fsdp"  # FSDP2 fully_shard: parameters, gradients and optimiser state sharded across ranks
 
 
+class Decode(Choice):
+    dynamic = "dynamic"  # a KV cache grown by one column per step (transformers' DynamicCache)
+    static = "static"  # a preallocated StaticCache: the same shapes every step
+    captured = "captured"  # static, each step replayed as a CUDA graph (torch.compile mode="reduce-overhead")
+
+
 class WandbMode(Choice):
     offline = "offline"
     online = "online"
@@ -189,6 +195,9 @@ class TrainerConfig:
     #: several processes (torchrun / accelerate launch): the engine that sums the gradients — ddp or fsdp
     #: (fdiv_align/training/distributed.py); ignored in one process
     parallel: Parallel = Parallel.ddp
+    #: the sampler's decoding (fdiv_align/lm/sampling.py): dynamic | static | captured; null = auto (static on CUDA,
+    #: dynamic on the CPU). captured needs CUDA and torch.compile; it was not yet measured on a GPU (issue 27)
+    decode: Optional[Decode] = None
 
 
 @dataclass

@@ -191,13 +191,13 @@ def _floor(run: dict):
 def _check_distinct_seeds(task: str, divergence: str, runs: list[dict]) -> None:
     """A row's ± is over seeds: two runs of one seed in a row (copies of a run, or two settings) are refused."""
     seen = {}
-    for r in runs:
-        seed = r["summary"]["seed"]
+    for i, r in enumerate(runs):
+        seed, name = r["summary"]["seed"], r.get("dir", f"#{i + 1} (no directory)")
         if seed in seen:
-            raise ValueError(f"{task}/{divergence}: runs {seen[seed]} and {r['dir']} both have seed {seed}; a row's ± is "
+            raise ValueError(f"{task}/{divergence}: runs {seen[seed]} and {name} both have seed {seed}; a row's ± is "
                              f"over seeds, so each run in it needs its own seed. Copies of one run: give one; runs of "
                              f"different settings: report them separately")
-        seen[seed] = r["dir"]
+        seen[seed] = name
 
 
 def tables(runs: list[dict]) -> str:

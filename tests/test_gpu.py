@@ -80,3 +80,40 @@ def test_cuda_bf16_run_and_resume(tmp_path):
     resumed = Trainer(cfg, lm=tiny_model(seed=3), output_dir=tmp_path)
     assert next(resumed.model.parameters()).is_cuda
     assert resumed.train()["steps"] == 6 and resumed.samples_seen == 6 * cfg.trainer.samples_per_step
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_kernel_on_cuda_and_under_inductor(dtype):
+    """The Triton head kernels (the plan's choice on CUDA) against fp64 at real block sizes, eagerly and inside
+    ``torch.compile`` (Inductor schedules the triton_op's kernels): fp32 within 1e-5/1e-4; bf16 no worse than naive."""
+    from fdiv_align.kernels.triton_logprobs import head_logprobs
+
+    N, H, V = 300, 96, 1000
+    h, w, b, y, g, _ = make(N, H, V, seed=5)
+    want = torch.log_softmax((h @ w.t() + b) / 0.8, -1).gather(-1, y[:, None]).squeeze(-1)
+    naive = torch.log_softmax(((h.to(dtype) @ w.to(dtype).t()) + b.to(dtype)).double() / 0.8, -1).gather(-1, y[:, None]).squeeze(-1)
+    hc, wc, bc, yc = _cuda(h.to(dtype), w.to(dtype), b.to(dtype), y)
+    for fn in (head_logprobs, torch.compile(head_logprobs, fullgraph=True)):
+        got = fn(hc, wc, yc, 0.8, bc).double().cpu()
+        if dtype == torch.float32:
+            assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), float((got - want).abs().max())
+        else:
+            assert (got - want).abs().max() <= (naive - want).abs().max() + 1e-2 * want.abs().max()
+
+
+def test_captured_decoding_draws_what_dynamic_decoding_draws():
+    """trainer.decode=captured (static cache, steps replayed as CUDA graphs) against the dynamic cache on CUDA."""
+    import dataclasses
+
+    from fdiv_align.lm.precision import compute_plan
+    from fdiv_align.lm.sampling import SamplingConfig, sample
+
+    lm = tiny_model(seed=0)
+    lm.model.cuda()
+    plan = compute_plan("fp32", True, torch.device("cuda"), decode="captured")
+    index = torch.tensor([0, 1, 1, 2, 0, 2, 1, 0])
+    u = torch.rand(len(index), 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    got = {d: sample(lm.model, lm.tokenizer, ["the", "a good dog", ""], 0, 16, SamplingConfig(0.9), context_index=index,
+                     uniforms=u, plan=dataclasses.replace(plan, decode=d)) for d in ("dynamic", "captured")}
+    assert torch.equal(got["captured"].tokens, got["dynamic"].tokens)
+    assert float((got["captured"].token_logq - got["dynamic"].token_logq).abs().max()) <= 1e-5

@@ -126,3 +126,35 @@ def test_two_level_draw_is_the_inverse_cdf(V):
         # mass summed) of a cumulative sum
         close = (cdf.gather(1, torch.minimum(got, want)[:, None]) - u[:, col:col + 1] * total).abs() <= 256 * 2**-24 * total
         assert bool(((got == want) | close.squeeze(1)).all()), col
+
+
+@pytest.mark.parametrize("config", [SamplingConfig(0.9), SamplingConfig(1.0, top_k=7)], ids=["temperature", "top_k"])
+@pytest.mark.parametrize("stop_at_eos", [True, False])
+def test_static_cache_decoding_draws_what_the_dynamic_cache_draws(lm, config, stop_at_eos, monkeypatch):
+    """The CUDA sampler's path (a preallocated StaticCache, one attention mask for the whole loop; on CUDA each
+    step is then replayed as a graph) on the CPU, without capture: the same tokens from the same uniforms and the
+    same recorded log q (up to summation order), with repeated contexts (prefilled once, the cache reordered)
+    and distinct ones."""
+    import dataclasses
+
+    from fdiv_align.lm import sampling
+    from fdiv_align.lm.precision import compute_plan
+
+    made = []
+    monkeypatch.setattr(sampling, "_static_cache", lambda model, n, make=sampling._static_cache: made.append(n) or make(model, n))
+    plan = compute_plan("fp32", False, torch.device("cpu"))
+    assert plan.decode == "dynamic"  # the CPU's own choice
+    with pytest.raises(ValueError, match="trainer.decode=captured replays decoding steps as CUDA graphs: it needs a CUDA"):
+        compute_plan("fp32", False, torch.device("cpu"), decode="captured")
+    contexts = ["the", "a good dog", ""]
+    for index in (torch.tensor([0, 1, 1, 2, 0, 2, 1]), torch.tensor([2, 0, 1])):
+        u = torch.rand(len(index), 12, generator=torch.Generator().manual_seed(len(index)), dtype=torch.float64)
+        got = {decode: sample(lm.model, lm.tokenizer, contexts, 0, 12, config, stop_at_eos, context_index=index,
+                              uniforms=u, plan=dataclasses.replace(plan, decode=decode)) for decode in ("dynamic", "static")}
+        assert torch.equal(got["static"].tokens, got["dynamic"].tokens) and torch.equal(got["static"].mask, got["dynamic"].mask)
+        # the attention's products run over the static cache's full length rather than the grown one: another
+        # summation order, a few fp32 ulps per token (measured ≤ 1.1e-6 here); 1e-5 bounds that, 10× below the
+        # 1e-4 nats the trainer treats as numerical noise (trainer.logratio_resolution)
+        diff = float((got["static"].token_logq - got["dynamic"].token_logq).abs().max())
+        assert diff <= 1e-5, diff
+    assert made == [64, 64]  # the static path ran: prompt width 4 + 12 positions, rounded up to 64, once per call

@@ -10,15 +10,28 @@ import os
 
 import pytest
 import torch
+from kernel_cases import make
 
 pytestmark = pytest.mark.triton
 
-if os.environ.get("TRITON_INTERPRET") != "1":  # the marker is selected: a run without the interpreter is misconfigured
-    pytest.fail("tests/test_triton_kernels.py runs Triton on CPU tensors: set TRITON_INTERPRET=1 (make test-triton)",
-                pytrace=False)
 
-from fdiv_align.kernels.triton_logprobs import head_logprobs, weighted_head_logprob_sum  # noqa: E402
-from kernel_cases import make  # noqa: E402
+def head_logprobs(*args, **kwargs):
+    from fdiv_align.kernels.triton_logprobs import head_logprobs
+
+    return head_logprobs(*args, **kwargs)
+
+
+def weighted_head_logprob_sum(*args, **kwargs):
+    from fdiv_align.kernels.triton_logprobs import weighted_head_logprob_sum
+
+    return weighted_head_logprob_sum(*args, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def _interpreted():
+    """Imported only when these tests run (selected by their marker): triton, and its interpreter, are needed."""
+    assert os.environ.get("TRITON_INTERPRET") == "1", \
+        "tests/test_triton_kernels.py runs Triton on CPU tensors: set TRITON_INTERPRET=1 (make test-triton)"
 
 #: (N, H, V, blocks): N, V, H not multiples of their blocks, N = 1, one block of each, several of each
 SHAPES = [

@@ -66,6 +66,9 @@ class ComputePlan:
     fp32_head: bool = False
     fused: bool = True
     kernel: str = "torch"  # "torch" | "triton": see choose_kernel
+    #: the sampler's decoding (fdiv_align/lm/sampling.py, _decode_loop): "dynamic" (a KV cache grown each step),
+    #: "static" (preallocated; same shapes every step) or "captured" (static, each step replayed as a CUDA graph)
+    decode: str = "dynamic"
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -226,14 +229,26 @@ def choose_kernel(device: torch.device) -> str:
     return "triton" if has_triton() else "torch"
 
 
+def choose_decode(requested: str | None, device: torch.device, compile: bool) -> str:
+    """The sampler's decoding for ``trainer.decode`` = ``requested`` (None = auto: ``static`` on CUDA, ``dynamic``
+    on the CPU, where a static cache's full-length attention costs more than it saves)."""
+    if requested is None:
+        return "static" if device.type == "cuda" else "dynamic"
+    if requested == "captured" and not (device.type == "cuda" and compile):
+        raise ValueError(f"trainer.decode=captured replays decoding steps as CUDA graphs: it needs a CUDA device and "
+                         f"torch.compile (here: device {device}, compile {'on' if compile else 'off'}); use static or dynamic")
+    return str(requested)
+
+
 def compute_plan(precision: str, compile: bool | None, device: torch.device, fp32_head: bool = False,
-                 fused: bool = True) -> ComputePlan:
-    """The run's :class:`ComputePlan` for ``trainer.precision``, ``trainer.compile``, ``trainer.fp32_head``
-    and ``trainer.fused_logprobs`` on ``device``."""
+                 fused: bool = True, decode: str | None = None) -> ComputePlan:
+    """The run's :class:`ComputePlan` for ``trainer.precision``, ``trainer.compile``, ``trainer.fp32_head``,
+    ``trainer.fused_logprobs`` and ``trainer.decode`` on ``device``."""
     chosen, why = choose_precision(precision, device)
     do_compile, compile_why = choose_compile(compile, device)
     where = cpu_name() if device.type == "cpu" else str(device)
-    return ComputePlan(chosen, why, do_compile, compile_why, where, fp32_head, fused, choose_kernel(device))
+    return ComputePlan(chosen, why, do_compile, compile_why, where, fp32_head, fused, choose_kernel(device),
+                       choose_decode(decode, device, do_compile))
 
 
 #: the plain fp32 path: no autocast, fp32 head GEMMs, unfused scoring — the default of sample/score

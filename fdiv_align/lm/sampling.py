@@ -68,7 +68,7 @@ def sample(model, tokenizer, contexts: list[str], num_samples: int | list[int], 
         raise ValueError(f"uniforms: expected shape {(B, max_new_tokens)}, got {tuple(uniforms.shape)}")
     with plan.autocast(device.type):
         out = _decode_loop(model, tokenizer, context_index, prompt_ids.to(device), prompt_mask.to(device),
-                           uniforms.to(device), config, stop_at_eos, plan.head_dtype)
+                           uniforms.to(device), config, stop_at_eos, plan.head_dtype, plan.decode)
     tokens, mask, token_logq = out
     batch = Batch(context_index, list(contexts), prompt_ids, prompt_mask, tokens.cpu(), mask.cpu(), token_logq.cpu())
     batch.texts = decode(tokenizer, batch.tokens, batch.mask)
@@ -124,16 +124,17 @@ def kv_cache(out):
     return out["cache"] if "cache" in out else out["past_key_values"]
 
 
-def _prefill_unique(backbone, context_index, ids, attn, pos):
+def _prefill_unique(backbone, context_index, ids, attn, pos, cache: dict):
     """Run the prompt through the model once per distinct context (rows of one context are identical,
     padding included) and give every row its context's KV cache (``Cache.reorder_cache``) and last
-    hidden state. Every row its own context: the plain batched prefill."""
+    hidden state. Every row its own context: the plain batched prefill. ``cache``: the keyword giving the
+    decoder a cache to fill (a static one), or nothing (it makes a dynamic one)."""
     uniq, inverse = torch.unique(context_index.to(ids.device), return_inverse=True)
     if len(uniq) == ids.shape[0]:
-        return backbone(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
+        return backbone(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, **cache)
     first = torch.full((len(uniq),), ids.shape[0], dtype=torch.long, device=ids.device)
     first = first.scatter_reduce(0, inverse, torch.arange(ids.shape[0], device=ids.device), reduce="amin")
-    out = backbone(input_ids=ids[first], attention_mask=attn[first], position_ids=pos[first], use_cache=True)
+    out = backbone(input_ids=ids[first], attention_mask=attn[first], position_ids=pos[first], use_cache=True, **cache)
     cache = kv_cache(out)
     if not hasattr(cache, "reorder_cache"):
         raise TypeError(f"{type(backbone).__name__} returned a {type(cache).__name__} KV cache; "
@@ -143,9 +144,17 @@ def _prefill_unique(backbone, context_index, ids, attn, pos):
     return out
 
 
-def _decode_loop(model, tokenizer, context_index, ids, attn, uniforms, config, stop_at_eos, head_dtype):
+def _decode_loop(model, tokenizer, context_index, ids, attn, uniforms, config, stop_at_eos, head_dtype, decode="dynamic"):
     """The decoding steps: (tokens, mask, token log q) [B, ≤ T] on the model's device, from left-padded
-    prompts ``ids``/``attn`` and uniforms [B, T] (T = max_new_tokens)."""
+    prompts ``ids``/``attn`` and uniforms [B, T] (T = max_new_tokens).
+
+    ``decode`` (:attr:`fdiv_align.lm.precision.ComputePlan.decode`): ``dynamic`` — a KV cache that grows by one
+    column a step (transformers' DynamicCache) and an attention mask grown alike; ``static`` — a preallocated
+    cache of prompt + T positions rounded up to :data:`STATIC_BUCKET` (``StaticCache``) and one attention mask for
+    the whole loop (the columns after the prompt set from the start: causality hides those not yet written), so
+    every step has the same shapes and addresses; ``captured`` — static, with the step (decoder, head, draw) compiled by
+    ``torch.compile(mode="reduce-overhead")``, which replays it as a CUDA graph: one launch per step instead of
+    one per kernel. Every mode draws the same tokens from the same uniforms (tests/test_sampling.py)."""
     (B, max_new_tokens), device = uniforms.shape, ids.device
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     pos = (attn.cumsum(-1) - 1).clamp_min(0)
@@ -155,13 +164,20 @@ def _decode_loop(model, tokenizer, context_index, ids, attn, uniforms, config, s
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     backbone, head = backbone_and_head(model)
     cache_kwarg = kv_cache_argument(backbone)
-    out = _prefill_unique(backbone, context_index, ids, attn, pos)
+    static = decode in ("static", "captured")
+    length = -(-(ids.shape[1] + max_new_tokens) // STATIC_BUCKET) * STATIC_BUCKET  # few shapes: few recompilations
+    cache = {cache_kwarg: _static_cache(model, length)} if static else {}
+    out = _prefill_unique(backbone, context_index, ids, attn, pos, cache)
+    if static:
+        _keep_static_addresses(kv_cache(out))
+        attn = torch.cat([attn, torch.ones((B, length - ids.shape[1]), dtype=attn.dtype, device=device)], dim=1)
+        step = _compiled_step if decode == "captured" else _decode_step
     last_pos = pos[:, -1:]
+    hidden = out.last_hidden_state[:, -1, :]
     width = max_new_tokens
     buffers = {}  # the head's [B, V] outputs, reused by every step
     for t in range(max_new_tokens):
-        tok, tok_logq = _draw_step(head_logits(head, out.last_hidden_state[:, -1, :], head_dtype, buffers),
-                                   uniforms[:, t], config)
+        tok, tok_logq = _draw_step(head_logits(head, hidden, head_dtype, buffers), uniforms[:, t], config)
         live = ~finished
         tokens[:, t] = torch.where(live, tok, torch.full_like(tok, pad_id))
         token_logq[:, t] = torch.where(live, tok_logq, torch.zeros_like(token_logq[:, t]))
@@ -173,8 +189,41 @@ def _decode_loop(model, tokenizer, context_index, ids, attn, uniforms, config, s
                 break
         if t + 1 == max_new_tokens:
             break
-        attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], dim=1)
         last_pos = last_pos + 1
-        out = backbone(input_ids=tokens[:, t:t + 1], attention_mask=attn, position_ids=last_pos, use_cache=True,
-                       **{cache_kwarg: kv_cache(out)})
+        if static:
+            hidden = step(backbone, tokens[:, t:t + 1], attn, last_pos, cache)
+        else:
+            attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], dim=1)
+            out = backbone(input_ids=tokens[:, t:t + 1], attention_mask=attn, position_ids=last_pos, use_cache=True,
+                           **{cache_kwarg: kv_cache(out)})
+            hidden = out.last_hidden_state[:, -1, :]
     return tokens[:, :width], mask[:, :width], token_logq[:, :width]
+
+
+#: a static cache's length is prompt + new tokens rounded up to a multiple of this
+STATIC_BUCKET = 64
+
+
+def _static_cache(model, length: int):
+    from transformers import StaticCache
+
+    return StaticCache(config=model.config, max_cache_len=length)
+
+
+def _keep_static_addresses(cache) -> None:
+    """Mark a static cache's tensors as fixed addresses (the prefill's reorder replaced them), so that a captured
+    step updates them in place instead of copying them in and out of the graph."""
+    for layer in getattr(cache, "layers", ()):
+        for name in ("keys", "values"):
+            if isinstance(getattr(layer, name, None), torch.Tensor):
+                torch._dynamo.mark_static_address(getattr(layer, name))
+
+
+def _decode_step(backbone, token, attn, position, cache: dict) -> torch.Tensor:
+    """One decoding step on a static cache: the last hidden state [B, H] of ``token`` [B, 1]."""
+    out = backbone(input_ids=token, attention_mask=attn, position_ids=position, use_cache=True, **cache)
+    return out.last_hidden_state[:, -1, :]
+
+
+#: the captured step: torch.compile's CUDA-graph mode over the decoder step (compiled once per shape)
+_compiled_step = torch.compile(_decode_step, mode="reduce-overhead", dynamic=False)

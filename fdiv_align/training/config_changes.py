@@ -22,7 +22,7 @@ __all__ = ["APPLIED", "SILENT", "ConfigChangedError", "config_changes", "check_c
 APPLIED = frozenset({
     "trainer.steps", "trainer.eval_every", "trainer.checkpoint_every", "trainer.keep_checkpoints",
     "trainer.micro_batch_size", "trainer.eval_micro_batch_size", "trainer.threads", "trainer.compile",
-    "trainer.fused_logprobs", "trainer.fp32_head", "trainer.parallel", "trainer.deterministic", "trainer.resume",
+    "trainer.fused_logprobs", "trainer.fp32_head", "trainer.parallel", "trainer.decode", "trainer.deterministic", "trainer.resume",
     "model.device", "model.attn_implementation", "model.gradient_checkpointing",
     # pair training (fdiv_align/preferences): the same roles
     "training.epochs", "training.checkpoint_every", "training.keep_checkpoints", "training.eval_batch_size", "training.threads",

@@ -143,7 +143,7 @@ class Trainer:
         self.on_start = on_start
 
         self.device = resolve_device(cfg.model.device)
-        self.plan = compute_plan(tc.precision, tc.compile, self.device, tc.fp32_head, tc.fused_logprobs)
+        self.plan = compute_plan(tc.precision, tc.compile, self.device, tc.fp32_head, tc.fused_logprobs, tc.decode)
         say(self.plan.describe())
         lm = lm if lm is not None else self._load_model()
         # whatever loading consumed (a first-run materialisation initialises a model), the run's random
