@@ -80,9 +80,9 @@ def _hydra_record(out: str):
     subdir = HydraConfig.get().output_subdir
 
     def record() -> None:
-        if not subdir or subdir == ".hydra":
-            return
         run = Path(out)
+        if not subdir or subdir == ".hydra" or not (run / subdir).is_dir():  # hydra.output_subdir set otherwise
+            return
         with atomic_path(run / ".hydra", directory=True) as tmp:
             for f in (run / subdir).iterdir():
                 shutil.copy2(f, tmp / f.name)

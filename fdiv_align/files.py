@@ -76,7 +76,8 @@ def atomic_path(destination: str | os.PathLike, directory: bool = False):
         aside = None
         if directory and destination.is_dir():
             aside = Path(tempfile.mkdtemp(prefix=f"{ASIDE}{destination.name}-", dir=destination.parent))
-            os.replace(destination, aside)  # over the empty directory mkdtemp made: the name is ours alone
+            aside.rmdir()  # a fresh name, free again: renaming onto it works on every OS
+            os.replace(destination, aside)
         os.replace(tmp, destination)
         fsync_path(destination.parent)
         if aside is not None:
