@@ -134,7 +134,7 @@ def test_static_cache_decoding_draws_what_the_dynamic_cache_draws(lm, config, st
     """The CUDA sampler's path (a preallocated StaticCache, one attention mask for the whole loop; on CUDA each
     step is then replayed as a graph) on the CPU, without capture: the same tokens from the same uniforms and the
     same recorded log q (up to summation order), with repeated contexts (prefilled once, the cache reordered)
-    and distinct ones."""
+    and distinct ones, and through a PEFT LoRA model."""
     import dataclasses
 
     from fdiv_align.lm import sampling
@@ -146,10 +146,14 @@ def test_static_cache_decoding_draws_what_the_dynamic_cache_draws(lm, config, st
     assert plan.decode == "dynamic"  # the CPU's own choice
     with pytest.raises(ValueError, match="trainer.decode=captured replays decoding steps as CUDA graphs: it needs a CUDA"):
         compute_plan("fp32", False, torch.device("cpu"), decode="captured")
+    from peft import LoraConfig, get_peft_model
+
     contexts = ["the", "a good dog", ""]
-    for index in (torch.tensor([0, 1, 1, 2, 0, 2, 1]), torch.tensor([2, 0, 1])):
+    lora = get_peft_model(tiny_model(seed=3).model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    for model, index in ((lm.model, torch.tensor([0, 1, 1, 2, 0, 2, 1])), (lm.model, torch.tensor([2, 0, 1])),
+                         (lora, torch.tensor([1, 1, 0]))):
         u = torch.rand(len(index), 12, generator=torch.Generator().manual_seed(len(index)), dtype=torch.float64)
-        got = {decode: sample(lm.model, lm.tokenizer, contexts, 0, 12, config, stop_at_eos, context_index=index,
+        got = {decode: sample(model, lm.tokenizer, contexts, 0, 12, config, stop_at_eos, context_index=index,
                               uniforms=u, plan=dataclasses.replace(plan, decode=decode)) for decode in ("dynamic", "static")}
         assert torch.equal(got["static"].tokens, got["dynamic"].tokens) and torch.equal(got["static"].mask, got["dynamic"].mask)
         # the attention's products run over the static cache's full length rather than the grown one: another
@@ -157,4 +161,4 @@ def test_static_cache_decoding_draws_what_the_dynamic_cache_draws(lm, config, st
         # 1e-4 nats the trainer treats as numerical noise (trainer.logratio_resolution)
         diff = float((got["static"].token_logq - got["dynamic"].token_logq).abs().max())
         assert diff <= 1e-5, diff
-    assert made == [64, 64]  # the static path ran: prompt width 4 + 12 positions, rounded up to 64, once per call
+    assert made == [64] * 3  # the static path ran: prompt width ≤ 4 + 12 positions, rounded up to 64, once per call
