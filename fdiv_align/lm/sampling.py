@@ -44,8 +44,9 @@ def sample(model, tokenizer, contexts: list[str], num_samples: int | list[int], 
     With ``stop_at_eos`` the length is at most ``max_new_tokens``; otherwise exactly that.
     Tokens are drawn by inverse CDF from uniforms U [B, max_new_tokens] (drawn from ``generator``
     unless given), so a sample depends only on its own row of U: splitting a batch across
-    processes or micro-batches gives the same samples. ``plan``: the body's autocast dtype and the
-    head's GEMM dtype (:class:`~fdiv_align.lm.precision.ComputePlan`; default fp32).
+    processes or micro-batches gives the same samples. ``plan``: the body's autocast dtype, the
+    head's GEMM dtype and the decoding's KV cache (:class:`~fdiv_align.lm.precision.ComputePlan`; default fp32,
+    dynamic cache; see :func:`_decode_loop`).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
