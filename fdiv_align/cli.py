@@ -75,30 +75,34 @@ def _hydra_record(out: str):
     fdiv_align/conf/config.yaml); now that the run has accepted the directory it becomes ``.hydra/``, replacing
     the record of the same run, and any other pending folder (of a refused or crashed start) goes. Until then a
     refused run — another config, a live run holding the directory — leaves the record of the run there as it was."""
-    from hydra.core.hydra_config import HydraConfig
-
-    subdir = HydraConfig.get().output_subdir
+    pending = _pending_record(out)
 
     def record() -> None:
-        run = Path(out)
-        if not subdir or subdir == ".hydra" or not (run / subdir).is_dir():  # hydra.output_subdir set otherwise
+        if pending is None or not pending.is_dir():
             return
-        with atomic_path(run / ".hydra", directory=True) as tmp:
-            for f in (run / subdir).iterdir():
+        with atomic_path(pending.parent / ".hydra", directory=True) as tmp:
+            for f in pending.iterdir():
                 shutil.copy2(f, tmp / f.name)
-        for pending in run.glob(".hydra-pending*"):
-            shutil.rmtree(pending, ignore_errors=True)
+        for other in pending.parent.glob(".hydra-pending*"):
+            shutil.rmtree(other, ignore_errors=True)
 
     return record
 
 
-def _drop_pending_record(out: str) -> None:
-    """This job's pending config folder, if its run never accepted the directory (see :func:`_hydra_record`)."""
+def _pending_record(out: str) -> Path | None:
+    """This job's pending config folder (``hydra.output_subdir``); None where Hydra writes ``.hydra/`` itself or
+    nothing (a user's own ``hydra.output_subdir``)."""
     from hydra.core.hydra_config import HydraConfig
 
     subdir = HydraConfig.get().output_subdir
-    if subdir and subdir != ".hydra":
-        shutil.rmtree(Path(out) / subdir, ignore_errors=True)
+    return Path(out) / subdir if subdir and subdir != ".hydra" else None
+
+
+def _drop_pending_record(out: str) -> None:
+    """This job's pending config folder, if its run never accepted the directory (see :func:`_hydra_record`)."""
+    pending = _pending_record(out)
+    if pending is not None:
+        shutil.rmtree(pending, ignore_errors=True)
 
 
 def _container(cfg) -> dict:

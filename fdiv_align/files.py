@@ -145,9 +145,9 @@ def read_lines(path: str | os.PathLike) -> list[str]:
     return _decode_lines(Path(path).read_bytes(), path)
 
 
-def _decode_lines(data: bytes, path, first: int = 1) -> list[str]:
+def _decode_lines(data: bytes, path) -> list[str]:
     lines = []
-    for n, raw in enumerate(data.split(b"\n"), first):
+    for n, raw in enumerate(data.split(b"\n"), 1):
         try:
             lines.append(raw.decode("utf-8").removesuffix("\r"))
         except UnicodeDecodeError as exc:
@@ -164,8 +164,8 @@ def read_jsonl(path: str | os.PathLike) -> tuple[list[tuple[str, object]], int |
     not UTF-8) is what a crash or a full disk leaves mid-write: it is dropped (the caller says so); any other
     line that is not JSON is an error naming the file and the line."""
     data = Path(path).read_bytes()
-    complete, tail = (data, b"") if data.endswith(b"\n") else (data[:data.rfind(b"\n") + 1], data[data.rfind(b"\n") + 1:])
-    lines = _decode_lines(complete, path)
+    cut = data.rfind(b"\n") + 1  # the complete lines, and what follows the last newline
+    lines, tail = _decode_lines(data[:cut], path), data[cut:]
     records, torn = [], None
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -195,13 +195,12 @@ def _legacy_types() -> list:
 
     from .config import Choice
 
-    reconstruct = getattr(np, "_core", None) or np.core
+    numpy_core = getattr(np, "_core", None) or np.core  # numpy ≥ 2 | 1.x
     choices, todo = [], list(Choice.__subclasses__())
     while todo:
         choices.append(todo.pop())
         todo.extend(choices[-1].__subclasses__())
-    reconstruct = reconstruct.multiarray._reconstruct
-    return [reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32)), *choices]
+    return [numpy_core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32)), *choices]
 
 
 def safe_torch_load(path: str | Path):

@@ -3,7 +3,8 @@
 One place for what sampling, scoring and the update share: ``SamplingConfig`` and
 ``transformed_logprobs`` (the distribution actually sampled from), the accurate fp32 log-softmax, the
 output head's logits (fp32, or bf16 GEMMs with fp32 logits) and the one glue that plugs the fused
-kernels of :mod:`fdiv_align.kernels` into scoring and the surrogate (:func:`fused_head_operands`). The
+kernels of :mod:`fdiv_align.kernels` into scoring and the surrogate (:func:`fused_token_logprobs`,
+:func:`fused_weighted_logprob_sum`: the head's operands, and the plan's kernel — torch or Triton). The
 kernels import nothing of the package; this module imports them.
 """
 
@@ -13,10 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels import low_precision_weight, shifted_head_logits, token_logprobs
+from ..kernels import low_precision_weight, shifted_head_logits, token_logprobs, weighted_token_logprob_sum
 
 __all__ = ["SamplingConfig", "transformed_logprobs", "log_softmax_fp32", "head_logits", "head_inputs",
-           "plain_linear_head", "fused_head_weights", "fused_head_operands", "fused_token_logprobs"]
+           "plain_linear_head", "fused_head_weights", "fused_head_operands", "fused_token_logprobs",
+           "fused_weighted_logprob_sum"]
 
 
 @dataclass(frozen=True)
@@ -149,3 +151,18 @@ def fused_token_logprobs(hidden: torch.Tensor, head, targets: torch.Tensor, conf
 
             return head_logprobs(h, w, targets, config.temperature, bias=b)
         return token_logprobs(h, w, targets, temperature=config.temperature, bias=b, compile=compile)
+
+
+def fused_weighted_logprob_sum(hidden: torch.Tensor, head, targets: torch.Tensor, token_weights: torch.Tensor, config,
+                               head_dtype: torch.dtype | None, compile: bool = True,
+                               kernel: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ w·log π as a differentiable scalar, detached [B, T] token log-probs) by the plan's fused kernel, its
+    gradients computed in the forward (the weights are known before it, as f-DPG's coefficients are); the
+    operands as in :func:`fused_token_logprobs`."""
+    h, w, b = fused_head_operands(head, hidden, config, head_dtype)
+    with torch.autocast(hidden.device.type, enabled=False):  # the head's own precision, like head_logits
+        if kernel == "triton":
+            from ..kernels.triton_logprobs import weighted_head_logprob_sum
+
+            return weighted_head_logprob_sum(h, w, targets, token_weights, config.temperature, bias=b)
+        return weighted_token_logprob_sum(h, w, targets, token_weights, config.temperature, bias=b, compile=compile)

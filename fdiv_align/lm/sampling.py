@@ -26,10 +26,12 @@ from .logprobs import SamplingConfig, head_logits, transformed_logprobs
 from .precision import PLAIN, ComputePlan
 from .scoring import backbone_and_head
 
-__all__ = ["SamplingConfig", "Batch", "transformed_logprobs", "encode_contexts", "sample", "make_batch", "pad_rows"]
+__all__ = ["SamplingConfig", "Batch", "transformed_logprobs", "encode_contexts", "sample", "make_batch", "pad_rows",
+           "model_window"]
 
 
-def _model_window(model) -> int | None:
+def model_window(model) -> int | None:
+    """The model's positions (``max_position_embeddings``), None when its config names none."""
     return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
 
@@ -50,7 +52,7 @@ def sample(model, tokenizer, contexts: list[str], num_samples: int | list[int], 
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
-    window = _model_window(model)
+    window = model_window(model)
     encoded = encode_contexts(tokenizer, contexts, None if window is None else window - max_new_tokens)
     if context_index is None:
         counts = [num_samples] * len(contexts) if isinstance(num_samples, int) else list(num_samples)
@@ -166,13 +168,15 @@ def _decode_loop(model, tokenizer, context_index, ids, attn, uniforms, config, s
     backbone, head = backbone_and_head(model)
     cache_kwarg = kv_cache_argument(backbone)
     static = decode in ("static", "captured")
-    length = -(-(ids.shape[1] + max_new_tokens) // STATIC_BUCKET) * STATIC_BUCKET  # few shapes: few recompilations
-    cache = {cache_kwarg: _static_cache(model, length)} if static else {}
-    out = _prefill_unique(backbone, context_index, ids, attn, pos, cache)
     if static:
+        length = -(-(ids.shape[1] + max_new_tokens) // STATIC_BUCKET) * STATIC_BUCKET  # few shapes: few recompilations
+        out = _prefill_unique(backbone, context_index, ids, attn, pos, {cache_kwarg: _static_cache(model, length)})
         _keep_static_addresses(kv_cache(out))
         attn = torch.cat([attn, torch.ones((B, length - ids.shape[1]), dtype=attn.dtype, device=device)], dim=1)
-        step = _compiled_step if decode == "captured" else _decode_step
+    else:
+        out = _prefill_unique(backbone, context_index, ids, attn, pos, {})
+    cache = {cache_kwarg: kv_cache(out)}  # updated in place by every step
+    step = _compiled_step if decode == "captured" else _decode_step
     last_pos = pos[:, -1:]
     hidden = out.last_hidden_state[:, -1, :]
     width = max_new_tokens
@@ -191,13 +195,9 @@ def _decode_loop(model, tokenizer, context_index, ids, attn, uniforms, config, s
         if t + 1 == max_new_tokens:
             break
         last_pos = last_pos + 1
-        if static:
-            hidden = step(backbone, tokens[:, t:t + 1], attn, last_pos, cache)
-        else:
+        if not static:
             attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], dim=1)
-            out = backbone(input_ids=tokens[:, t:t + 1], attention_mask=attn, position_ids=last_pos, use_cache=True,
-                           **{cache_kwarg: kv_cache(out)})
-            hidden = out.last_hidden_state[:, -1, :]
+        hidden = step(backbone, tokens[:, t:t + 1], attn, last_pos, cache)
     return tokens[:, :width], mask[:, :width], token_logq[:, :width]
 
 
@@ -221,7 +221,7 @@ def _keep_static_addresses(cache) -> None:
 
 
 def _decode_step(backbone, token, attn, position, cache: dict) -> torch.Tensor:
-    """One decoding step on a static cache: the last hidden state [B, H] of ``token`` [B, 1]."""
+    """One decoding step: the last hidden state [B, H] of ``token`` [B, 1], ``cache`` updated in place."""
     out = backbone(input_ids=token, attention_mask=attn, position_ids=position, use_cache=True, **cache)
     return out.last_hidden_state[:, -1, :]
 

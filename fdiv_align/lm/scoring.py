@@ -9,9 +9,8 @@ from typing import NamedTuple
 
 import torch
 
-from ..kernels import weighted_token_logprob_sum
 from .batch import Batch, pad_rows
-from .logprobs import SamplingConfig, fused_head_operands, fused_token_logprobs, head_logits, transformed_logprobs
+from .logprobs import SamplingConfig, fused_token_logprobs, fused_weighted_logprob_sum, head_logits, transformed_logprobs
 from .precision import PLAIN, ComputePlan
 
 __all__ = ["Scores", "score", "weighted_logprob_sum", "WeightedLogprobSum", "backbone_and_head", "last_token_hidden"]
@@ -90,8 +89,8 @@ def weighted_logprob_sum(model, batch: Batch, sequence_weights: torch.Tensor, co
                          pad_id: int = 0, plan: ComputePlan = PLAIN) -> WeightedLogprobSum:
     """(Σ_i w_i log π(x_i|c_i) as a differentiable scalar, detached [B] log π), under ``plan``.
 
-    ``plan.fused``: the head's gradients are computed in the forward pass by
-    :func:`fdiv_align.kernels.weighted_token_logprob_sum` (the weights are known before the forward,
+    ``plan.fused``: the head's gradients are computed in the forward pass by the plan's fused kernel
+    (:func:`fdiv_align.lm.logprobs.fused_weighted_logprob_sum`; the weights are known before the forward,
     as f-DPG's coefficients are), never materialising [tokens × vocab] logits. Needs a plain
     ``nn.Linear`` head and no top-k/top-p (refused otherwise); unfused is the plain path of :func:`score`.
     """
@@ -103,17 +102,9 @@ def weighted_logprob_sum(model, batch: Batch, sequence_weights: torch.Tensor, co
         return WeightedLogprobSum((w * seq).sum(), seq.detach())
     with plan.autocast(device.type):
         h, head = _continuation_hidden(model, batch, "left", pad_id)
-        h, weight, bias = fused_head_operands(head, h, config, plan.head_dtype)
         token_w = torch.where(m, w[:, None].expand_as(m), torch.zeros((), device=device))
-        with torch.autocast(device.type, enabled=False):  # the head's own precision, like head_logits
-            if plan.kernel == "triton":
-                from ..kernels.triton_logprobs import weighted_head_logprob_sum
-
-                total, tok_lp = weighted_head_logprob_sum(h, weight, batch.tokens.to(device), token_w, config.temperature,
-                                                          bias=bias)
-            else:
-                total, tok_lp = weighted_token_logprob_sum(h, weight, batch.tokens.to(device), token_w, config.temperature,
-                                                           bias=bias, compile=plan.compile)
+        total, tok_lp = fused_weighted_logprob_sum(h, head, batch.tokens.to(device), token_w, config, plan.head_dtype,
+                                                   plan.compile, plan.kernel)
     return WeightedLogprobSum(total, torch.where(m, tok_lp, torch.zeros_like(tok_lp)).sum(-1))
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from ..lm.batch import encode_contexts, make_batch
+from ..lm.sampling import model_window
 from ..training.config_changes import check_config_changes
 from ..training.interrupts import RunInterrupted, stop_requests
 from ..training.metrics import MetricsLogger, say
@@ -274,7 +275,7 @@ def _load_for_pairs(cfg, stops):
     torch.manual_seed(cfg.training.seed)
     with stops.abortable("model loading"):
         lm = load_configured(cfg.model, device)
-    check_pair_lengths(pairs, lm.tokenizer, getattr(lm.model.config, "max_position_embeddings", None), cfg.training.data)
+    check_pair_lengths(pairs, lm.tokenizer, model_window(lm.model), cfg.training.data)
     torch.manual_seed(cfg.training.seed)  # the head / LoRA initialisation depends on the seed alone
     return pairs, lm, device
 

@@ -108,21 +108,19 @@ def load_sharded(path: Path, template: dict) -> dict:
 
     folder = Path(path) / SHARDED
     with open(folder / ".metadata", "rb") as f:  # refused here, by name, rather than inside DCP's collective
-        _MetadataUnpickler(f).load()
-    dcp.load(template, storage_reader=_safe_metadata_reader(folder))
+        metadata = _MetadataUnpickler(f).load()
+    dcp.load(template, storage_reader=_metadata_reader(folder, metadata))
     return template
 
 
-def _safe_metadata_reader(path: Path):
-    """DCP's file-system reader with :meth:`read_metadata` through a restricted unpickler (see the module docstring)."""
+def _metadata_reader(path: Path, metadata):
+    """DCP's file-system reader handing out ``metadata`` (read by :class:`_MetadataUnpickler`) instead of
+    unpickling the file itself (see the module docstring)."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import StorageMeta
 
     class SafeMetadataReader(FileSystemReader):
         def read_metadata(self, *args, **kwargs):
-            rank = kwargs.get("rank")
-            with open(self._get_metadata_path(rank), "rb") as f:
-                metadata = _MetadataUnpickler(f).load()
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id
@@ -144,12 +142,13 @@ class _MetadataUnpickler(pickle.Unpickler):
         import dataclasses
         import enum
 
-        found = super().find_class(module, name) if module in self._DCP or (module, name) in self._ALLOWED \
-            or module == "torch" else None
-        if (module, name) in self._ALLOWED or (module == "torch" and isinstance(found, torch.dtype)):
-            return found
-        if module in self._DCP and isinstance(found, type) and (dataclasses.is_dataclass(found) or issubclass(found, enum.Enum)):
-            return found
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        if module == "torch" or module in self._DCP:
+            found = super().find_class(module, name)  # a lookup: nothing is constructed or called yet
+            metadata_type = isinstance(found, type) and (dataclasses.is_dataclass(found) or issubclass(found, enum.Enum))
+            if isinstance(found, torch.dtype) if module == "torch" else metadata_type:
+                return found
         raise UnsafeCheckpointError(f"the DCP metadata of a sharded checkpoint asks for {module}.{name}, which is not "
                                     f"checkpoint metadata: not loaded (it was not written by fdiv_align, or was altered)")
 
